@@ -1,0 +1,1 @@
+"""Modality tokenizers: discrete tokens for images, depth, segmentation, text and boxes."""

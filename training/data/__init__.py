@@ -1,0 +1,1 @@
+"""Datasets: synthetic shapes, webdataset shards, converters, readers."""
