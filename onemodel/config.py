@@ -67,6 +67,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         kt, vt = (args + (Any, Any))[:2] if args else (Any, Any)
         return {_coerce(k, kt, f"{key}.<key>"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} ({value!r})")
         return float(value)
@@ -97,11 +102,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        names = ", ".join(repr(f"{prefix}.{k}" if prefix else k) for k in unknown)
         where = f" in '{prefix}'" if prefix else ""
-        raise ConfigError(
-            f"unknown config key(s){where}: {', '.join(repr(k) for k in unknown)}; "
-            f"valid keys are: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"unknown config key(s) {names}; valid keys{where} are: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -133,6 +136,11 @@ def _parse_scalar(text: str) -> Any:
     """Parse an override value the way YAML would (numbers, booleans, null, lists), else keep the string."""
     import yaml
 
+    for number in (int, float):  # YAML 1.1 reads "3e-4" as a string; users mean a number
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
