@@ -5,7 +5,8 @@ Every sample is a procedurally generated scene, fully determined by an integer s
 square, triangle) in 8 named colours and two sizes, each at its own depth. Shapes may occlude each other,
 but every shape keeps at least ``MIN_VISIBLE_FRACTION`` of its area (and ``MIN_VISIBLE_PIXELS`` pixels)
 visible, so captions and answers only talk about things one can see. No two shapes of a scene share
-both colour and shape type, so "the red circle" always names one shape.
+both colour and shape type, so "the red circle" always names one shape, and shapes of the same colour never
+touch, so their outlines stay visible in ``rgb``.
 
 Exact ground truth for every modality (raw-sample format of docs/internals.md section 1):
 
@@ -163,12 +164,28 @@ def _render(shapes: list[dict[str, Any]], resolution: int, background: tuple[int
         owner[m] = i
         masks.append((i, m))
     areas = {i: int(m.sum()) for i, m in masks}
+    full = dict(masks)
+    for i in range(len(shapes)):  # same-coloured shapes must not touch: their outlines would merge in rgb
+        for j in range(i + 1, len(shapes)):
+            if shapes[i]["color"] == shapes[j]["color"] and (_dilate(full[i]) & full[j]).any():
+                return None
     visible = [owner == i for i in range(len(shapes))]
     for i, v in enumerate(visible):
         n = int(v.sum())
         if n < MIN_VISIBLE_PIXELS or n < MIN_VISIBLE_FRACTION * areas[i]:
             return None
     return rgb, depth, semseg, visible, areas
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation (8-neighbourhood) of a (H, W) bool mask."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    rows = out.copy()
+    out[:, 1:] |= rows[:, :-1]
+    out[:, :-1] |= rows[:, 1:]
+    return out
 
 
 def _tight_box(mask: np.ndarray) -> list[float]:
