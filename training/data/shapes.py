@@ -120,9 +120,8 @@ def _shape_mask(shape: str, cx: float, cy: float, e: float, X: np.ndarray, Y: np
     raise AssertionError(shape)
 
 
-def _sample_layout(rng: np.random.Generator, resolution: int) -> list[dict[str, Any]]:
-    """Draw shape attributes and geometry (not yet checked for visibility)."""
-    n = int(rng.integers(1, MAX_SHAPES + 1))
+def _sample_layout(rng: np.random.Generator, resolution: int, n: int) -> list[dict[str, Any]]:
+    """Draw attributes and geometry of ``n`` shapes (not yet checked for visibility)."""
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     chosen = rng.choice(len(pairs), size=n, replace=False)
     # Distinct depths at least MIN_DEPTH_GAP apart: sorted uniform draws, resampled until separated.
@@ -330,15 +329,16 @@ def generate_sample(seed: int, resolution: int = 64) -> dict[str, Any]:
     grey = int(rng.integers(18, 48))
     tint = rng.integers(-6, 7, size=3)
     background = tuple(int(v) for v in np.clip(grey + tint, 0, 255))
-    for _attempt in range(200):  # reject layouts where some shape is mostly hidden
-        shapes = _sample_layout(rng, resolution)
-        rendered = _render(shapes, resolution, background)
-        if rendered is not None:
-            break
-    else:  # pragma: no cover - extremely unlikely; a single shape always fits
-        shapes = _sample_layout(rng, resolution)[:1]
-        rendered = _render(shapes, resolution, background)
-        assert rendered is not None
+    n = int(rng.integers(1, MAX_SHAPES + 1))
+    rendered = None
+    while rendered is None:  # reject layouts where some shape is mostly hidden; keep the drawn shape count
+        for _attempt in range(100):
+            shapes = _sample_layout(rng, resolution, n)
+            rendered = _render(shapes, resolution, background)
+            if rendered is not None:
+                break
+        else:  # pragma: no cover - practically never: fall back to one shape fewer
+            n = max(1, n - 1)
     rgb, depth, semseg, visible, areas = rendered
     boxes = []
     for i, s in enumerate(shapes):
