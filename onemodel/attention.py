@@ -1,0 +1,141 @@
+"""Scaled dot-product attention behind one entry point, with three interchangeable backends.
+
+``attention(q, k, v, mask, is_causal, backend, dropout_p)`` computes ``softmax(q k^T / sqrt(Dh) + mask) v``:
+
+- ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's fused flash /
+  memory-efficient / math kernels, CPU and GPU).
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (CUDA only). A boolean mask is turned into an
+  additive bias (0 / -inf); a causal flag alone uses xformers' ``LowerTriangularMask``. Packed batches with
+  block-diagonal structure can pass an ``xformers.ops.fmha.attn_bias`` object directly as ``mask``.
+- ``"eager"``: the reference math written out in PyTorch ops (slow, for tests and debugging).
+
+Shapes: q ``(B, H, Nq, Dh)``, k and v ``(B, H, Nk, Dh)``; ``mask`` is boolean and broadcastable to
+``(B, H, Nq, Nk)`` with PyTorch polarity (True = may attend). ``is_causal`` means query i sees keys j <= i
+(top-left aligned, so it needs Nq == Nk); with a mask as well, both must allow a key.
+
+Rows without any allowed key (the query slot of a padding token, or a sample with no input at all) would
+give NaN (softmax over nothing) and NaN gradients. ``attention`` makes such rows attend to every key
+instead: their output is finite and meaningless, and callers never read it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "BACKENDS", "available_backends", "xformers_available"]
+
+BACKENDS = ("sdpa", "xformers", "eager")
+
+
+def xformers_available() -> bool:
+    """True when ``xformers`` imports (it still needs CUDA tensors to run)."""
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising at import
+        return False
+    return True
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` here (xformers needs CUDA and the package)."""
+    out = ["sdpa", "eager"]
+    if torch.device(device).type == "cuda" and xformers_available():
+        out.insert(1, "xformers")
+    return out
+
+
+def _merge_causal(mask: torch.Tensor | None, nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """Fold a causal (top-left aligned) constraint into a boolean mask."""
+    causal = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()  # (Nq, Nk)
+    return causal if mask is None else mask & causal
+
+
+def _no_empty_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Rows with no allowed key are opened to all keys (finite output and gradients; callers ignore them)."""
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, is_causal: bool, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, Dh); got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} / v {tuple(v.shape)} do not fit together")
+    if is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"is_causal needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}); "
+            "pass an explicit boolean mask for cached / offset decoding"
+        )
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        raise TypeError(f"attention mask must be a bool tensor (True = may attend), got {mask.dtype}")
+
+
+def _eager(q, k, v, mask, dropout_p):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, Nq, Dh)
+
+
+def _xformers(q, k, v, mask, is_causal, dropout_p):
+    try:
+        import xformers.ops as xops
+    except Exception as err:
+        raise ValueError(
+            "attention backend 'xformers' needs the xformers package (pip install 'onemodel[xformers]') "
+            f"and a CUDA GPU; it is not importable here ({err}). Use attention='sdpa'."
+        ) from err
+    if not q.is_cuda:
+        raise ValueError("attention backend 'xformers' runs on CUDA tensors only; use attention='sdpa' on CPU")
+    B, H, Nq, Dh = q.shape
+    Nk = k.shape[2]
+    # xformers layout: (B, N, H, Dh)
+    qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        bias = mask  # an xformers AttentionBias object (e.g. BlockDiagonalMask) passed through
+    elif mask is None:
+        bias = xops.LowerTriangularMask() if is_causal else None
+    else:
+        # Additive bias; its last dim must be stored with a stride that is a multiple of 8.
+        padded = (Nk + 7) // 8 * 8
+        storage = torch.zeros(B, H, Nq, padded, dtype=q.dtype, device=q.device)
+        bias = storage[..., :Nk]
+        bias.masked_fill_(~mask.expand(B, H, Nq, Nk), float("-inf"))
+    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p)
+    return out.transpose(1, 2)  # (B, H, Nq, Dh)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    backend: str = "sdpa",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention of q over (k, v) -> ``(B, H, Nq, Dh)``; see the module docstring for the conventions.
+
+    ``dropout_p`` is applied as given: pass 0.0 at evaluation time.
+    """
+    _check(q, k, v, mask, is_causal, backend)
+    if isinstance(mask, torch.Tensor):
+        if is_causal:
+            mask, is_causal = _merge_causal(mask, q.shape[2], k.shape[2], q.device), False
+        mask = _no_empty_rows(mask)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    if backend == "eager":
+        if is_causal:
+            mask = _merge_causal(None, q.shape[2], k.shape[2], q.device)
+        return _eager(q, k, v, mask, dropout_p)
+    return _xformers(q, k, v, mask, is_causal, dropout_p)

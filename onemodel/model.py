@@ -1,0 +1,569 @@
+"""OneModel: the masked multimodal encoder-decoder (4M-style), the whole forward pass in one file.
+
+``forward(batch)`` reads as named stages:
+
+1. ``encode``: embed the input tokens (token + modality + position embedding) and run pre-norm
+   transformer blocks over them; padding is hidden with a key-padding mask.
+2. ``decode``: one query per target slot (grid: a learned mask token; sequence: the previous target
+   token, shifted inside the model, with a start embedding at position 0) + modality + position
+   embedding. Decoder self-attention only sees targets of the same modality of the same sample
+   (causally for sequences); cross-attention sees all encoder tokens of the sample.
+3. ``loss_and_logits``: a head per modality over that modality's target slots, cross-entropy averaged
+   per modality, then over the modalities present in the batch.
+
+All modalities share one concatenated token table, indexed ``table[ids + vocab_offset[mod]]``, and one
+position table, indexed ``pos_table[pos + pos_offset[mod]]``, so embedding a whole padded batch is one
+gather with no Python loop over samples or modalities. The per-modality heads are slices of one
+``(sum V, D)`` weight. Shapes: B batch, Ni input tokens, Nt target tokens, D width, H heads, V vocab.
+
+Generation uses the same pieces: ``encode`` once, ``decode`` (optionally with a ``DecoderCache`` for
+autoregressive sequences, one or more new slots per call), ``logits_for`` to read one modality's head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onemodel.attention import BACKENDS, attention
+from onemodel.config import from_dict, to_dict
+from onemodel.modalities import Modality, validate_modalities
+
+__all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "DecoderCache", "sincos_1d", "sincos_2d"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class OneModelConfig:
+    """Architecture of a OneModel (saved as ``config.json`` beside the weights).
+
+    modalities: the modalities the model reads and writes; their order defines the modality index used in
+        ``MultimodalBatch.enc_mod`` / ``dec_mod``. Given as ``Modality`` objects or dicts of their fields.
+    dim: width D (divisible by ``num_heads`` and by 4 for 2D sin-cos positions).
+    encoder_depth / decoder_depth: number of transformer blocks.
+    num_heads: attention heads H. mlp_ratio: MLP hidden width = ``mlp_ratio * dim``.
+    dropout: dropout on attention probabilities and on residual branches (training only).
+    attention: backend, "sdpa" (default), "xformers" (CUDA + xformers installed) or "eager" (reference).
+    qkv_bias: bias in the q/k/v projections. norm_eps: LayerNorm epsilon. init_std: std of weight init.
+    learned_positions: start from the sin-cos tables but train them (default: fixed sin-cos).
+    tie_embeddings: the output heads share their weight with the input token table.
+    """
+
+    modalities: tuple[Modality, ...]
+    dim: int = 256
+    encoder_depth: int = 4
+    decoder_depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    learned_positions: bool = False
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modalities, (str, bytes)) or not isinstance(self.modalities, (list, tuple)):
+            raise TypeError("modalities must be a list of Modality objects or dicts")
+        mods = []
+        for i, m in enumerate(self.modalities):
+            if isinstance(m, dict):
+                m = from_dict(Modality, m, prefix=f"modalities[{i}]")
+            if not isinstance(m, Modality):
+                raise TypeError(f"modalities[{i}] must be a Modality or a dict, got {type(m).__name__}")
+            mods.append(m)
+        self.modalities = validate_modalities(mods)
+        for name in ("dim", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("encoder_depth", "decoder_depth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.dim % 4:
+            raise ValueError(f"dim ({self.dim}) must be divisible by 4 (2D sin-cos positions)")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {list(BACKENDS)}, got {self.attention!r}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("norm_eps and init_std must be > 0")
+
+    @property
+    def modality_names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    def modality_index(self, name: str) -> int:
+        """Index of modality ``name`` (the value used in ``enc_mod`` / ``dec_mod``)."""
+        names = self.modality_names
+        if name not in names:
+            raise ValueError(f"unknown modality {name!r}; this model has {names}")
+        return names.index(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OneModelConfig":
+        """Strict: unknown keys and wrong types raise ``ConfigError`` naming the key."""
+        return from_dict(cls, data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Positions
+
+
+def sincos_1d(n: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(n, dim) sin-cos embedding of positions 0..n-1 (first half sin, second half cos)."""
+    omega = 1.0 / temperature ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None, :]  # (n, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
+    """(grid_size**2, dim) embedding of flat position p = row * grid_size + col: half the dims for the row,
+    half for the column (MAE / 4M style)."""
+    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (g*g,)
+    cols = torch.arange(grid_size).repeat(grid_size)
+    table = sincos_1d(grid_size, dim // 2)  # (g, dim/2)
+    return torch.cat([table[rows], table[cols]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs and cache
+
+
+@dataclass
+class EncoderOutput:
+    """states: (B, Ni, D) encoder output after the final norm; mask: (B, Ni) bool, True = real token."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class ModelOutput:
+    """What ``OneModel.forward`` returns.
+
+    loss: scalar, mean over the modalities present of the per-modality mean cross-entropy.
+    losses: modality name -> scalar mean cross-entropy over its target tokens (only modalities with targets).
+    logits: modality name -> (n_m, V_m) logits of its real target slots, in batch-major order
+        (sample 0's slots first, each sample's slots in ``dec_*`` order).
+    target_index: modality name -> (n_m,) long, flat index ``b * Nt + t`` of each logits row in the batch.
+    hidden: (B, Nt, D) final decoder states (after the last norm), for custom heads or generation.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]
+    target_index: dict[str, torch.Tensor]
+    hidden: torch.Tensor
+
+    def dense_logits(self, name: str, batch_size: int, num_targets: int, fill: float = 0.0) -> torch.Tensor:
+        """Scatter modality ``name``'s logits back to (B, Nt, V) (slots of other modalities get ``fill``)."""
+        lg = self.logits[name]
+        out = lg.new_full((batch_size * num_targets, lg.shape[-1]), fill)
+        out[self.target_index[name]] = lg
+        return out.view(batch_size, num_targets, -1)
+
+
+@dataclass
+class DecoderCache:
+    """Key/value cache for incremental (autoregressive) decoding; create it with ``OneModel.new_cache``.
+
+    cross_kv: per decoder layer, the cross-attention (k, v), each (B, H, Ni, Dh), computed once from the
+        encoder output. self_kv: per decoder layer, the self-attention (k, v) of the slots decoded so far,
+        each (B, H, T, Dh). mod / pos / mask: (B, T) modality, position and presence of those slots (used to
+        build the attention mask of later slots). ``decode(..., cache=cache)`` appends to it in place.
+    """
+
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    enc_mask: torch.Tensor
+    self_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    mod: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of target slots already in the cache (T)."""
+        return 0 if self.mod is None else self.mod.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; optionally prepends cached keys/values."""
+
+    def __init__(self, cfg: OneModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.backend, self.dropout = cfg.num_heads, cfg.attention, cfg.dropout
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.proj_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, is_causal=False, past_kv=None):
+        """x (B, N, D) -> (out (B, N, D), (k, v) each (B, H, T+N, Dh) including ``past_kv``)."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, mask=mask, is_causal=is_causal, backend=self.backend, dropout_p=p)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D))), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder, keys/values from the encoder output (separate q and fused kv projections)."""
+
+    def __init__(self, cfg: OneModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.backend, self.dropout = cfg.num_heads, cfg.attention, cfg.dropout
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.proj_drop = nn.Dropout(cfg.dropout)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, Ni, D) -> (k, v) each (B, H, Ni, Dh)."""
+        B, N, D = context.shape
+        k, v = self.kv(context).view(B, N, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, kv, mask=None):
+        B, N, D = x.shape
+        q = self.q(x).view(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, N, Dh)
+        p = self.dropout if self.training else 0.0
+        out = attention(q, kv[0], kv[1], mask=mask, backend=self.backend, dropout_p=p)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: OneModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: OneModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x, self_mask, is_causal, cross_kv, cross_mask, past_kv=None):
+        """x (B, Nt, D) -> (x, (k, v) of the self-attention, for the cache)."""
+        h, kv = self.self_attn(self.norm1(x), mask=self_mask, is_causal=is_causal, past_kv=past_kv)
+        x = x + h
+        x = x + self.cross_attn(self.norm2(x), cross_kv, mask=cross_mask)
+        return x + self.mlp(self.norm3(x)), kv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def decoder_self_mask(q_mod, q_pos, k_mod, k_pos, k_mask, mod_is_grid) -> torch.Tensor:
+    """(B, 1, Nq, Nk) bool: query sees key iff same modality, key present, and (grid, or key pos <= query pos).
+
+    q_mod, q_pos (B, Nq); k_mod, k_pos, k_mask (B, Nk); mod_is_grid (M,) bool. Built by broadcasting.
+    """
+    same = q_mod[:, :, None] == k_mod[:, None, :]  # (B, Nq, Nk)
+    order = mod_is_grid[q_mod][:, :, None] | (k_pos[:, None, :] <= q_pos[:, :, None])
+    return (same & order & k_mask[:, None, :]).unsqueeze(1)
+
+
+class OneModel(nn.Module):
+    """The any-to-any encoder-decoder. See the module docstring; build with ``OneModel(OneModelConfig(...))``."""
+
+    def __init__(self, config: OneModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, OneModelConfig):
+            raise TypeError(f"OneModel needs a OneModelConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.gradient_checkpointing = False  # set True to recompute block activations in backward
+        mods = cfg.modalities
+        D, M = cfg.dim, len(mods)
+        vocab = torch.tensor([m.vocab_size for m in mods])
+        lengths = torch.tensor([m.num_tokens for m in mods])
+        # Per-modality lookup tables (non-persistent: derived from the config, never saved).
+        self.register_buffer("vocab_size", vocab, persistent=False)  # (M,)
+        self.register_buffer("vocab_offset", torch.cumsum(vocab, 0) - vocab, persistent=False)  # (M,)
+        self.register_buffer("num_positions", lengths, persistent=False)  # (M,)
+        self.register_buffer("pos_offset", torch.cumsum(lengths, 0) - lengths, persistent=False)  # (M,)
+        self.register_buffer("mod_is_grid", torch.tensor([m.is_grid for m in mods]), persistent=False)
+
+        # Embeddings: one token table for all modalities (encoder inputs and shifted sequence targets).
+        self.tok_emb = nn.Embedding(int(vocab.sum()), D)  # (sum V, D)
+        self.enc_mod_emb = nn.Embedding(M, D)
+        self.dec_mod_emb = nn.Embedding(M, D)
+        pos = torch.cat([sincos_2d(m.grid_size, D) if m.is_grid else sincos_1d(m.max_length, D) for m in mods])
+        if cfg.learned_positions:
+            self.pos_table = nn.Parameter(pos)  # (sum N, D)
+        else:
+            self.register_buffer("pos_table", pos, persistent=False)
+        self.mask_token = nn.Parameter(torch.zeros(D))  # decoder query of a grid target
+        self.start_emb = nn.Parameter(torch.zeros(M, D))  # decoder input at position 0 of a sequence target
+
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_depth))
+        self.encoder_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        # Heads: modality m reads rows [vocab_offset[m], vocab_offset[m] + V_m) of one (sum V, D) weight.
+        self.head_weight = self.tok_emb.weight if cfg.tie_embeddings else nn.Parameter(torch.empty(int(vocab.sum()), D))
+        self.head_bias = nn.Parameter(torch.zeros(int(vocab.sum())))
+        self._offsets = [(int(o), int(v)) for o, v in zip(self.vocab_offset, vocab)]  # python copy for slicing
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if not self.config.tie_embeddings:
+            nn.init.trunc_normal_(self.head_weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.head_bias)
+        nn.init.normal_(self.mask_token, std=std)
+        nn.init.normal_(self.start_emb, std=std)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (shared tensors counted once); optionally without token/position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.config.learned_positions:
+                n -= self.pos_table.numel()
+        return n
+
+    def flops_per_token(self, num_inputs: int = 128, num_targets: int = 128, vocab: float | None = None) -> float:
+        """Training FLOPs (forward + backward = 3x forward) per token, counting input + target tokens.
+
+        Per sample, with Ni inputs, Nt targets, width D, MLP width F, mean head vocab V (matmuls: 2 FLOPs per
+        multiply-add; embeddings, norms, softmax ignored; attention counted dense, over all Ni or Nt keys):
+          encoder layer:  Ni * (8 D^2 + 4 D F) + 4 Ni^2 D
+          decoder layer:  Nt * (12 D^2 + 4 D F) + 4 Ni D^2 (cross k/v) + 4 Nt^2 D + 4 Nt Ni D
+          heads:          2 Nt D V
+        flops_per_token = 3 * (sum of the above) / (Ni + Nt).
+        """
+        cfg = self.config
+        D, F_, Ni, Nt = cfg.dim, int(cfg.dim * cfg.mlp_ratio), num_inputs, num_targets
+        V = vocab if vocab is not None else sum(m.vocab_size for m in cfg.modalities) / len(cfg.modalities)
+        enc = cfg.encoder_depth * (Ni * (8 * D * D + 4 * D * F_) + 4 * Ni * Ni * D)
+        dec = cfg.decoder_depth * (Nt * (12 * D * D + 4 * D * F_) + 4 * Ni * D * D + 4 * Nt * Nt * D + 4 * Nt * Ni * D)
+        head = 2 * Nt * D * V
+        return 3.0 * (enc + dec + head) / (Ni + Nt)
+
+    @staticmethod
+    def shift_targets(dec_ids: torch.Tensor, dec_pos: torch.Tensor) -> torch.Tensor:
+        """Decoder input ids from target ids: slot t gets the target of slot t-1 (0 where dec_pos == 0).
+
+        Valid because sequence targets of one modality are contiguous and in order (docs/internals.md §4);
+        grid slots and position-0 slots ignore their input id.
+        """
+        prev = torch.roll(dec_ids, shifts=1, dims=1)
+        return prev.masked_fill(dec_pos == 0, 0)
+
+    def _check_batch(self, ids, mod, pos, mask, where: str, check_ids: bool = True) -> None:
+        """Clear errors for malformed batches (instead of an index error deep inside torch)."""
+        if not (ids.shape == mod.shape == pos.shape == mask.shape) or ids.dim() != 2:
+            raise ValueError(
+                f"{where}: ids/mod/pos/mask must all be (B, N); got {tuple(ids.shape)}, {tuple(mod.shape)}, "
+                f"{tuple(pos.shape)}, {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{where}: mask must be bool (True = real token), got {mask.dtype}")
+        if not mask.any():
+            return
+        m = mod[mask]
+        if m.min() < 0 or m.max() >= len(self.config.modalities):
+            raise ValueError(f"{where}: modality index out of range 0..{len(self.config.modalities) - 1}")
+        if check_ids and ((ids[mask] < 0).any() or (ids[mask] >= self.vocab_size[m]).any()):
+            raise ValueError(f"{where}: token id outside its modality's vocabulary (check the tokenizers)")
+        if (pos[mask] < 0).any() or (pos[mask] >= self.num_positions[m]).any():
+            raise ValueError(f"{where}: position outside its modality's grid_size**2 / max_length")
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    # ---------------------------------------------------------------------------------------------- encode
+    def embed_inputs(self, ids, mod, pos, mask) -> torch.Tensor:
+        """(B, Ni) ids/mod/pos/mask -> (B, Ni, D): token + modality + position embedding (0 at padding)."""
+        ids, mod, pos = ids.masked_fill(~mask, 0), mod.masked_fill(~mask, 0), pos.masked_fill(~mask, 0)
+        x = self.tok_emb(ids + self.vocab_offset[mod]) + self.enc_mod_emb(mod) + self.pos_table[pos + self.pos_offset[mod]]
+        return x * mask[..., None]
+
+    def encode(self, enc_ids, enc_mod, enc_pos, enc_mask) -> EncoderOutput:
+        """Encode the input tokens: (B, Ni) tensors -> ``EncoderOutput(states (B, Ni, D), mask (B, Ni))``."""
+        x = self.embed_inputs(enc_ids, enc_mod, enc_pos, enc_mask)
+        # Key-padding mask (B, 1, 1, Ni), broadcast over heads and queries; none at all when nothing is padded.
+        attn_mask = None if bool(enc_mask.all()) else enc_mask[:, None, None, :]
+        for block in self.encoder:
+            x = self._run(block, x, attn_mask)
+        return EncoderOutput(states=self.encoder_norm(x), mask=enc_mask)
+
+    # ---------------------------------------------------------------------------------------------- decode
+    def embed_targets(self, input_ids, mod, pos, mask) -> torch.Tensor:
+        """Decoder queries (B, Nt, D): grid -> mask token; sequence -> start embedding at pos 0, else the
+        embedding of ``input_ids`` (the previous target token); plus modality and position embeddings."""
+        mod, pos = mod.masked_fill(~mask, 0), pos.masked_fill(~mask, 0)
+        is_seq = ~self.mod_is_grid[mod]  # (B, Nt)
+        use_tok = is_seq & (pos > 0)
+        tok = self.tok_emb(input_ids.masked_fill(~use_tok, 0) + self.vocab_offset[mod])
+        seq_in = torch.where(use_tok[..., None], tok, self.start_emb[mod])
+        x = torch.where(is_seq[..., None], seq_in, self.mask_token)
+        x = x + self.dec_mod_emb(mod) + self.pos_table[pos + self.pos_offset[mod]]
+        return x * mask[..., None]
+
+    def _self_attention_plan(self, mod, pos, mask) -> tuple[torch.Tensor | None, bool]:
+        """Cheapest exact decoder self-attention mask for a cache-free call: (mask or None, is_causal)."""
+        first = mod[mask][:1]
+        if first.numel() and bool(((mod == first) | ~mask).all()):  # one target modality in the whole batch
+            if bool(self.mod_is_grid[first]):  # grid: every target sees every target (keys: padding only)
+                return (None if bool(mask.all()) else mask[:, None, None, :]), False
+            ar = torch.arange(mod.shape[1], device=mod.device).expand_as(pos)
+            right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+            if right_padded and bool(((pos == ar) | ~mask).all()):
+                # one sequence per row starting at slot 0, padding after it: plain causal attention is exact
+                # (real queries only see earlier, real keys; padded rows are never read).
+                return None, True
+        return decoder_self_mask(mod, pos, mod, pos, mask, self.mod_is_grid), False
+
+    def new_cache(self, enc_out: EncoderOutput) -> DecoderCache:
+        """An empty ``DecoderCache`` holding each decoder layer's cross-attention k/v of ``enc_out``."""
+        kv = [block.cross_attn.context_kv(enc_out.states) for block in self.decoder]
+        return DecoderCache(cross_kv=kv, enc_mask=enc_out.mask)
+
+    def decode(self, enc_out, dec_input_ids, dec_mod, dec_pos, dec_mask, cache: DecoderCache | None = None):
+        """Run the decoder over target slots -> hidden (B, Nt, D) (after the final norm).
+
+        dec_input_ids (B, Nt): the token *fed* at each slot: for a sequence slot at position p > 0 the target
+        token at position p - 1 (``OneModel.shift_targets(dec_ids, dec_pos)`` builds it from targets); ignored
+        at grid slots and at position 0. dec_mod, dec_pos, dec_mask (B, Nt): as in ``MultimodalBatch``.
+        cache: None for a full decode; or a ``DecoderCache`` from ``new_cache(enc_out)``: the new slots attend to
+        the cached slots as well and their keys/values are appended to the cache in place (autoregressive
+        sequence decoding: pass one new slot per call, in order). Grid targets should be decoded without cache
+        (a grid slot must see all slots of its modality, including later ones).
+        """
+        self._check_batch(dec_input_ids, dec_mod, dec_pos, dec_mask, "decoder", check_ids=False)
+        x = self.embed_targets(dec_input_ids, dec_mod, dec_pos, dec_mask)
+        mod, pos = dec_mod.masked_fill(~dec_mask, 0), dec_pos.masked_fill(~dec_mask, 0)
+        enc_mask = enc_out.mask
+        cross_mask = None if bool(enc_mask.all()) else enc_mask[:, None, None, :]  # (B, 1, 1, Ni)
+        if cache is None:
+            self_mask, is_causal = self._self_attention_plan(mod, pos, dec_mask)
+            cross_kv = [None] * len(self.decoder)
+        else:
+            k_mod = mod if cache.mod is None else torch.cat([cache.mod, mod], 1)
+            k_pos = pos if cache.pos is None else torch.cat([cache.pos, pos], 1)
+            k_mask = dec_mask if cache.mask is None else torch.cat([cache.mask, dec_mask], 1)
+            self_mask, is_causal = decoder_self_mask(mod, pos, k_mod, k_pos, k_mask, self.mod_is_grid), False
+            cross_kv = cache.cross_kv
+        new_kv = []
+        for i, block in enumerate(self.decoder):
+            kv = cross_kv[i] if cross_kv[i] is not None else block.cross_attn.context_kv(enc_out.states)
+            past = cache.self_kv[i] if cache is not None and cache.self_kv else None
+            x, self_kv = self._run(block, x, self_mask, is_causal, kv, cross_mask, past)
+            new_kv.append(self_kv)
+        if cache is not None:
+            cache.self_kv, cache.mod, cache.pos, cache.mask = new_kv, k_mod, k_pos, k_mask
+        return self.decoder_norm(x)
+
+    def logits_for(self, hidden: torch.Tensor, modality: str) -> torch.Tensor:
+        """Head of ``modality``: hidden (..., D) -> logits (..., V_modality)."""
+        off, v = self._offsets[self.config.modality_index(modality)]
+        return F.linear(hidden, self.head_weight[off : off + v], self.head_bias[off : off + v])
+
+    # ---------------------------------------------------------------------------------------------- loss
+    def loss_and_logits(self, hidden, dec_ids, dec_mod, dec_mask) -> ModelOutput:
+        """Per modality: gather its real target slots, apply its head, mean cross-entropy; then mean over the
+        modalities that have targets in this batch. Loops over modalities only."""
+        B, Nt, D = hidden.shape
+        flat_h, flat_ids = hidden.reshape(B * Nt, D), dec_ids.reshape(B * Nt)
+        flat_sel = (dec_mod.masked_fill(~dec_mask, -1)).reshape(B * Nt)  # (B*Nt,) modality or -1 for padding
+        losses, logits, index = {}, {}, {}
+        for m, modality in enumerate(self.config.modalities):
+            idx = (flat_sel == m).nonzero().squeeze(1)  # (n_m,) batch-major
+            if idx.numel() == 0:
+                continue
+            lg = self.logits_for(flat_h[idx], modality.name)  # (n_m, V_m)
+            losses[modality.name] = F.cross_entropy(lg.float(), flat_ids[idx])
+            logits[modality.name], index[modality.name] = lg, idx
+        if losses:
+            loss = torch.stack(list(losses.values())).mean()
+        else:  # no targets at all: a zero loss that still has a graph
+            loss = hidden.sum() * 0.0
+        return ModelOutput(loss=loss, losses=losses, logits=logits, target_index=index, hidden=hidden)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, batch) -> ModelOutput:
+        """Training / evaluation pass over a ``MultimodalBatch`` (any object with its eight tensor fields)."""
+        self._check_batch(batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask, "encoder")
+        self._check_batch(batch.dec_ids, batch.dec_mod, batch.dec_pos, batch.dec_mask, "targets")
+        enc_out = self.encode(batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask)
+        dec_input = self.shift_targets(batch.dec_ids, batch.dec_pos)
+        hidden = self.decode(enc_out, dec_input, batch.dec_mod, batch.dec_pos, batch.dec_mask)
+        return self.loss_and_logits(hidden, batch.dec_ids, batch.dec_mod, batch.dec_mask)
+
+    # ---------------------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (see ``onemodel.hub``)."""
+        from onemodel.hub import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "OneModel":
+        """Load a model saved with ``save_pretrained`` (strict config and weights; never unpickles)."""
+        from onemodel.hub import load_pretrained
+
+        return load_pretrained(directory, map_location=map_location)
