@@ -1,0 +1,439 @@
+"""Any-to-any generation: fill target modalities from input modalities with a trained ``OneModel``.
+
+``generate(model, inputs, targets, options)`` decodes the targets **in order**; each finished target becomes an
+input of the next (chained any-to-any: caption -> semseg -> rgb). Per target:
+
+- grid targets (rgb, depth, semseg): :class:`MaskGITSchedule` (confidence-based, cosine) or
+  :class:`RandomOrderSchedule` (ROAR). Each step encodes the inputs plus the grid tokens decoded so far (the
+  encoder runs once per step), and the decoder predicts the still-masked positions (MaskGIT: all of them,
+  keeping the most confident; ROAR: the next chunk of a random permutation).
+- sequence targets (caption, answer, det, ...): :class:`AutoregressiveSchedule`. The encoder runs once; the
+  decoder runs one slot per step with a ``DecoderCache`` (cross-attention keys/values computed once,
+  self-attention keys/values appended per token); each sample stops at ``eos_id``.
+
+Classifier-free guidance (``SamplingOptions.guidance_scale != 1``) runs the conditional and the unconditional
+batch (same targets, every input dropped; for grids the target's own decoded tokens are kept) as one batch of
+2B and mixes ``uncond + scale * (cond - uncond)``.
+
+Batched: samples may have different inputs (missing modalities, captions of different lengths); they are padded
+into one ``MultimodalBatch``-style layout with masks, and every sample draws its randomness from its own seeded
+generator, so a sample gives the same tokens alone or in a batch (exactly for greedy decoding and a fixed seed,
+up to float round-off in the logits).
+
+Shapes: B batch, Ni input tokens, Nq decoder queries, N tokens of a modality, V vocab, D width.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from onemodel.batch import MaskedSample, collate
+from onemodel.sampling import (
+    AutoregressiveSchedule,
+    MaskGITSchedule,
+    RandomOrderSchedule,
+    SamplingOptions,
+    gumbel_noise,
+    guided_logits,
+    make_generators,
+    random_permutations,
+    sample_tokens,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "generate",
+    "GenerationOutput",
+    "SamplingOptions",
+    "MaskGITSchedule",
+    "RandomOrderSchedule",
+    "AutoregressiveSchedule",
+    "encoder_batch",
+]
+
+
+@dataclass
+class GenerationOutput:
+    """What :func:`generate` returns (one entry per target, in target order).
+
+    tokens: target name -> per sample a 1-D long tensor of token ids (grid: N = grid_size**2 ids; sequence: the
+        generated ids up to and including eos, or ``max_length`` ids when eos never came).
+    probs: target name -> per sample a 1-D float tensor, same length: the model's probability (softmax of the
+        guided logits at temperature 1, before top-k/top-p) of each chosen token.
+    logits: only with ``output_logits=True``: target name -> (B, N, V) float tensor of the guided logits each
+        token was sampled from (grid: at the step its position was decoded; sequence: per generated slot,
+        rows after a sample's eos are whatever the model predicted there).
+    """
+
+    tokens: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    probs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    logits: dict[str, torch.Tensor] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def _as_rows(name: str, value, batch_size: int | None) -> list[torch.Tensor | None]:
+    """One modality's inputs -> a list of 1-D long tensors (or None = missing) per sample."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 1:
+            raise ValueError(
+                f"input {name!r}: a 1-D tensor is ambiguous; pass a (B, N) tensor or a list of 1-D tensors, one per sample"
+            )
+        if value.dim() != 2:
+            raise ValueError(f"input {name!r}: expected (B, N) token ids, got shape {tuple(value.shape)}")
+        rows = list(value)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        rows = list(value)
+    else:
+        raise TypeError(f"input {name!r}: expected token ids as a (B, N) tensor or a list of 1-D tensors, got {type(value).__name__}")
+    out: list[torch.Tensor | None] = []
+    for i, row in enumerate(rows):
+        if row is None:
+            out.append(None)
+            continue
+        row = torch.as_tensor(row)
+        if row.dim() != 1:
+            raise ValueError(f"input {name!r} sample {i}: expected 1-D token ids, got shape {tuple(row.shape)}")
+        if row.dtype.is_floating_point or row.dtype == torch.bool:
+            raise TypeError(f"input {name!r} sample {i}: token ids must be integers, got {row.dtype}")
+        out.append(row.long())
+    return out
+
+
+def encoder_batch(
+    model,
+    rows: Mapping[str, Sequence[torch.Tensor | None]],
+    partial: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad per-sample encoder inputs into ``(enc_ids, enc_mod, enc_pos, enc_mask)``, each (B, Ni).
+
+    rows: modality name -> per sample 1-D ids (None = missing); grid ids are a full grid, sequence ids start at
+        position 0. partial: grid modality name -> ``(ids (B, N), known (B, N) bool)``: the decoded-so-far tokens
+        of a grid target, given to the encoder at their positions. Tokens are grouped in modality-list order.
+        Ni is at least 1 (a batch without any input gets one padding slot: the model's "no input" state).
+    """
+    cfg = model.config
+    partial = partial or {}
+    samples = []
+    empty = torch.zeros(0, dtype=torch.long)
+    for b in range(batch_size):
+        ids, mods, poss = [], [], []
+        for m_idx, mod in enumerate(cfg.modalities):
+            if mod.name in rows and rows[mod.name][b] is not None:
+                tok = rows[mod.name][b].to("cpu")
+                pos = torch.arange(tok.shape[0])
+            elif mod.name in partial:
+                grid_ids, known = partial[mod.name]
+                pos = known[b].to("cpu").nonzero().squeeze(1)
+                tok = grid_ids[b].to("cpu")[pos]
+            else:
+                continue
+            ids.append(tok)
+            mods.append(torch.full_like(pos, m_idx))
+            poss.append(pos)
+        cat = (lambda xs: torch.cat(xs) if xs else empty)
+        i, m, p = cat(ids), cat(mods), cat(poss)
+        samples.append(MaskedSample(enc_ids=i, enc_mod=m, enc_pos=p, dec_ids=empty, dec_mod=empty, dec_pos=empty))
+    batch = collate(samples)
+    enc = [batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask]
+    if enc[0].shape[1] == 0:  # nothing to encode anywhere: one padding slot (attention needs >= 1 key)
+        enc = [torch.zeros(batch_size, 1, dtype=t.dtype) for t in enc]
+    return tuple(t.to(device) for t in enc)  # type: ignore[return-value]
+
+
+def _check_inputs(model, rows: Mapping[str, list], targets: Sequence[str]) -> None:
+    cfg = model.config
+    names = cfg.modality_names
+    for name in list(rows) + list(targets):
+        if name not in names:
+            raise ValueError(f"unknown modality {name!r}; this model knows {names}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets {list(targets)} name a modality twice; list each target once")
+    given = [t for t in targets if t in rows]
+    if given:
+        raise ValueError(
+            f"target(s) {given} are also inputs; a modality is either given or generated: "
+            "remove it from the inputs or from the targets"
+        )
+    for name, per_sample in rows.items():
+        mod = cfg.modalities[cfg.modality_index(name)]
+        for i, row in enumerate(per_sample):
+            if row is None:
+                continue
+            if mod.is_grid and row.shape[0] != mod.num_tokens:
+                raise ValueError(
+                    f"input {name!r} sample {i}: a grid input needs {mod.num_tokens} tokens "
+                    f"({mod.grid_size}x{mod.grid_size}), got {row.shape[0]}"
+                )
+            if mod.is_sequence and not 1 <= row.shape[0] <= mod.max_length:
+                raise ValueError(
+                    f"input {name!r} sample {i}: a sequence input needs 1..{mod.max_length} tokens, got {row.shape[0]}; "
+                    "truncate it (the tokenizer's max_length) or drop the modality"
+                )
+            if row.numel() and (int(row.min()) < 0 or int(row.max()) >= mod.vocab_size):
+                raise ValueError(
+                    f"input {name!r} sample {i}: token ids must be in [0, {mod.vocab_size}); check the tokenizer"
+                )
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def _suppress(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """Set banned token ids (1-D long) to -inf in (..., V) logits."""
+    if banned is None or banned.numel() == 0:
+        return logits
+    return logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+
+
+def _encode(model, cond_rows, partial, opts: SamplingOptions, batch_size: int, device):
+    """Encoder output for the conditional batch, plus the unconditional one stacked behind it (2B) when guided."""
+    enc = encoder_batch(model, cond_rows, partial, batch_size, device)
+    if opts.uses_guidance:
+        uncond = encoder_batch(model, {}, partial, batch_size, device)
+        width = max(enc[0].shape[1], uncond[0].shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        enc = tuple(torch.cat([pad(a), pad(b)]) for a, b in zip(enc, uncond))
+    return model.encode(*enc)
+
+
+def _mix(logits: torch.Tensor, opts: SamplingOptions, batch_size: int) -> torch.Tensor:
+    """(B or 2B, ..., V) -> guided (B, ..., V)."""
+    if not opts.uses_guidance:
+        return logits
+    return guided_logits(logits[:batch_size], logits[batch_size:], opts.guidance_scale)
+
+
+def _decode_grid(model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, progress, keep_logits):
+    cfg = model.config
+    m_idx = cfg.modality_index(name)
+    n = cfg.modalities[m_idx].num_tokens
+    counts = schedule.counts(n)
+    ids = torch.zeros(batch_size, n, dtype=torch.long, device=device)  # (B, N) decoded so far
+    known = torch.zeros(batch_size, n, dtype=torch.bool, device=device)  # (B, N)
+    probs = torch.zeros(batch_size, n, device=device)
+    kept_logits = None
+    rows_b = torch.arange(batch_size, device=device)[:, None]
+    order = None
+    if isinstance(schedule, RandomOrderSchedule):
+        order = random_permutations(n, generators, device)  # (B, N)
+    start = 0
+    steps = range(len(counts))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{name} ({type(schedule).__name__})", leave=False)
+    for step in steps:
+        count = counts[step]
+        if order is not None:
+            query_pos = order[:, start : start + count]  # (B, Nq) this chunk
+        else:
+            query_pos = (~known).nonzero()[:, 1].view(batch_size, -1)  # (B, Nq) every masked position, ascending
+        start += count
+        enc_out = _encode(model, cond_rows, {name: (ids, known)}, opts, batch_size, device)
+        reps = enc_out.states.shape[0] // batch_size
+        q_pos = query_pos.repeat(reps, 1)
+        q_mod = torch.full_like(q_pos, m_idx)
+        q_mask = torch.ones_like(q_pos, dtype=torch.bool)
+        hidden = model.decode(enc_out, torch.zeros_like(q_pos), q_mod, q_pos, q_mask)  # (B*, Nq, D)
+        logits = _mix(model.logits_for(hidden, name).float(), opts, batch_size)  # (B, Nq, V)
+        logits = _suppress(logits, banned)
+        tokens, tok_probs = sample_tokens(logits, opts, generators)  # (B, Nq)
+        if order is not None:
+            chosen = torch.ones_like(tokens, dtype=torch.bool)
+        else:
+            confidence = torch.log(tok_probs.clamp_min(1e-30))
+            if schedule.choice_temperature > 0:
+                anneal = schedule.choice_temperature * (1.0 - (step + 1) / len(counts))
+                confidence = confidence + anneal * gumbel_noise((tokens.shape[1],), generators, device)
+            top = confidence.topk(count, dim=1).indices  # (B, count)
+            chosen = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, top, True)
+        sel_pos = query_pos[chosen].view(batch_size, count)  # (B, count)
+        ids[rows_b, sel_pos] = tokens[chosen].view(batch_size, count)
+        probs[rows_b, sel_pos] = tok_probs[chosen].view(batch_size, count)
+        known[rows_b, sel_pos] = True
+        if keep_logits:
+            if kept_logits is None:
+                kept_logits = torch.zeros(batch_size, n, logits.shape[-1], device=device)
+            kept_logits[rows_b, sel_pos] = logits[chosen].view(batch_size, count, -1)
+    assert bool(known.all())
+    return list(ids), list(probs), kept_logits
+
+
+def _decode_sequence(
+    model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, eos_id, progress, keep_logits
+):
+    cfg = model.config
+    m_idx = cfg.modality_index(name)
+    max_len = cfg.modalities[m_idx].max_length
+    if schedule.max_length is not None:
+        max_len = min(max_len, schedule.max_length)
+    enc_out = _encode(model, cond_rows, None, opts, batch_size, device)
+    rows = enc_out.states.shape[0]  # B, or 2B with guidance
+    cache = model.new_cache(enc_out) if schedule.use_cache else None
+    tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, L)
+    probs = torch.zeros(batch_size, max_len, device=device)
+    lengths = torch.full((batch_size,), max_len, dtype=torch.long, device=device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    all_logits = [] if keep_logits else None
+    prev = torch.zeros(rows, 1, dtype=torch.long, device=device)  # token fed at the next slot (ignored at pos 0)
+    steps = range(max_len)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{name} (autoregressive)", leave=False)
+    for t in steps:
+        if cache is not None:
+            pos = torch.full((rows, 1), t, dtype=torch.long, device=device)
+            hidden = model.decode(enc_out, prev, torch.full_like(pos, m_idx), pos, torch.ones_like(pos, dtype=torch.bool), cache=cache)
+        else:  # recompute the whole prefix (reference path)
+            fed = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), tokens[:, :t].repeat(rows // batch_size, 1)], 1)
+            pos = torch.arange(t + 1, device=device).expand(rows, t + 1)
+            hidden = model.decode(enc_out, fed, torch.full_like(pos, m_idx), pos, torch.ones_like(pos, dtype=torch.bool))
+        logits = _mix(model.logits_for(hidden[:, -1:], name).float(), opts, batch_size)  # (B, 1, V)
+        logits = _suppress(logits, banned)
+        if all_logits is not None:
+            all_logits.append(logits[:, 0])
+        tok, p = sample_tokens(logits, opts, generators)  # (B, 1)
+        tokens[:, t], probs[:, t] = tok[:, 0], p[:, 0]
+        if eos_id is not None:
+            new_done = ~done & (tok[:, 0] == eos_id)
+            lengths = torch.where(new_done, torch.full_like(lengths, t + 1), lengths)
+            done |= new_done
+            if bool(done.all()):
+                break
+        prev = tok.repeat(rows // batch_size, 1)
+    out_ids = [tokens[b, : lengths[b]].clone() for b in range(batch_size)]
+    out_probs = [probs[b, : lengths[b]].clone() for b in range(batch_size)]
+    kept = None
+    if all_logits is not None:
+        kept = torch.stack(all_logits, 1)  # (B, T, V)
+    return out_ids, out_probs, kept
+
+
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+def generate(
+    model,
+    inputs: Mapping[str, object],
+    targets: Sequence[str],
+    options: SamplingOptions | Mapping[str, SamplingOptions] | None = None,
+    *,
+    seed: int | Sequence[int] = 0,
+    eos_id: int | None = None,
+    suppress_ids: Mapping[str, Sequence[int] | torch.Tensor] | None = None,
+    batch_size: int | None = None,
+    output_logits: bool = False,
+    progress: bool = False,
+) -> GenerationOutput:
+    """Generate ``targets`` (in order) from ``inputs`` with ``model`` (a ``onemodel.model.OneModel``).
+
+    inputs: modality name -> token ids per sample: a (B, N) long tensor or a list of B 1-D tensors; ``None`` in the
+        list = that sample lacks the modality. Grid inputs have ``grid_size**2`` ids; sequence inputs 1..max_length
+        ids without padding (as the tokenizer wrote them, ending with eos).
+    targets: modality names to generate, in order; each finished target is an input of the next ones. A target
+        that is also an input raises ``ValueError``.
+    options: one ``SamplingOptions`` for every target, or a dict target -> options (missing targets get the
+        default: greedy, MaskGIT 8 steps for grids (fewer when the grid is smaller), autoregressive for sequences).
+    seed: one int (every sample uses the same seed) or one int per sample.
+    eos_id: stop a sequence target at this id (per sample); None = always generate ``max_length`` tokens.
+    suppress_ids: target name -> token ids never to generate (e.g. padding, bos, sentinels, ids beyond the
+        tokenizer's vocabulary).
+    batch_size: needed only when ``inputs`` is empty (unconditional generation).
+    output_logits: also return the guided logits of every chosen token (``GenerationOutput.logits``).
+    progress: show a tqdm bar per target.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ValueError("targets is empty; name at least one modality to generate")
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a dict modality -> token ids, got {type(inputs).__name__}")
+    rows = {name: _as_rows(name, value, batch_size) for name, value in inputs.items()}
+    sizes = {len(r) for r in rows.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"inputs have different batch sizes {sorted(sizes)}; give every modality one entry per sample")
+    if sizes:
+        b = sizes.pop()
+        if batch_size is not None and batch_size != b:
+            raise ValueError(f"batch_size={batch_size} but the inputs hold {b} samples")
+        batch_size = b
+    if batch_size is None or batch_size < 1:
+        raise ValueError("no inputs: pass batch_size=B (>= 1) for unconditional generation")
+    _check_inputs(model, rows, targets)
+    cfg = model.config
+    per_target: dict[str, SamplingOptions] = {}
+    for name in targets:
+        if isinstance(options, Mapping):
+            unknown = sorted(set(options) - set(targets))
+            if unknown:
+                raise ValueError(f"options given for {unknown}, which are not targets {targets}")
+            opts = options.get(name, SamplingOptions())
+        else:
+            opts = options if options is not None else SamplingOptions()
+        if not isinstance(opts, SamplingOptions):
+            raise TypeError(f"options for {name!r} must be SamplingOptions, got {type(opts).__name__}")
+        mod = cfg.modalities[cfg.modality_index(name)]
+        sched = opts.schedule
+        if sched is None:
+            sched = MaskGITSchedule(steps=min(8, mod.num_tokens)) if mod.is_grid else AutoregressiveSchedule()
+        if mod.is_grid and isinstance(sched, AutoregressiveSchedule):
+            raise ValueError(f"target {name!r} is a grid: use MaskGITSchedule or RandomOrderSchedule, not autoregressive")
+        if mod.is_sequence and not isinstance(sched, AutoregressiveSchedule):
+            raise ValueError(f"target {name!r} is a sequence: use AutoregressiveSchedule, not {type(sched).__name__}")
+        if mod.is_grid and sched.steps > mod.num_tokens:
+            raise ValueError(
+                f"steps={sched.steps} for {name!r} exceeds its {mod.num_tokens} tokens; use 1..{mod.num_tokens} steps"
+            )
+        per_target[name] = SamplingOptions(
+            temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+            guidance_scale=opts.guidance_scale, schedule=sched,
+        )
+    device = next(model.parameters()).device
+    banned = {}
+    for name, ids in (suppress_ids or {}).items():
+        if name not in targets:
+            continue
+        t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).flatten()
+        vocab = cfg.modalities[cfg.modality_index(name)].vocab_size
+        banned[name] = t[(t >= 0) & (t < vocab)].unique().to(device)
+    generators = make_generators(seed, batch_size, device)
+
+    out = GenerationOutput(logits={} if output_logits else None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name in targets:
+                opts = per_target[name]
+                mod = cfg.modalities[cfg.modality_index(name)]
+                if mod.is_grid:
+                    ids, probs, logits = _decode_grid(
+                        model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name), progress,
+                        output_logits,
+                    )
+                else:
+                    ids, probs, logits = _decode_sequence(
+                        model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name),
+                        eos_id, progress, output_logits,
+                    )
+                out.tokens[name] = [i.cpu() for i in ids]
+                out.probs[name] = [p.cpu() for p in probs]
+                if output_logits:
+                    out.logits[name] = logits.cpu()
+                rows = {**rows, name: out.tokens[name]}  # chain: the finished target is an input of the next
+    finally:
+        model.train(was_training)
+    return out
