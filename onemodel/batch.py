@@ -217,12 +217,8 @@ def _round_up(n: int, multiple: int | None) -> int:
 
 def _pad_group(tensors: list[list[torch.Tensor]], lengths: torch.Tensor, width: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Right-pad each field's list of 1-D tensors to ``width`` -> (B, width) tensors + (B, width) mask."""
-    batch = len(lengths)
     padded = []
     for field in tensors:
-        if width == 0:
-            padded.append(torch.zeros(batch, 0, dtype=torch.long))
-            continue
         out = pad_sequence(field, batch_first=True, padding_value=0)  # (B, max_len)
         if out.shape[1] < width:
             out = torch.nn.functional.pad(out, (0, width - out.shape[1]), value=0)
@@ -235,6 +231,7 @@ def collate(samples: Sequence[MaskedSample], pad_to_multiple_of: int | None = No
     """Pad ``samples`` to the longest one (ids/mod/pos 0, mask False) and stack them into a batch.
 
     pad_to_multiple_of: round Ni and Nt up to a multiple of this (e.g. 8 for tensor cores); None = no rounding.
+    Ni and Nt are at least 1 (all-padding when no sample has inputs / targets).
     Usable directly as a DataLoader ``collate_fn`` (``functools.partial`` for the multiple).
     """
     if not samples:
@@ -246,8 +243,10 @@ def collate(samples: Sequence[MaskedSample], pad_to_multiple_of: int | None = No
             raise TypeError(f"collate: sample {i} is a {type(s).__name__}, expected onemodel.batch.MaskedSample")
     enc_len = torch.tensor([s.num_inputs for s in samples], dtype=torch.long)
     dec_len = torch.tensor([s.num_targets for s in samples], dtype=torch.long)
-    ni = _round_up(int(enc_len.max()), pad_to_multiple_of)
-    nt = _round_up(int(dec_len.max()), pad_to_multiple_of)
+    # at least one slot per side: a batch whose samples have no inputs (condition dropout) still has a
+    # (padding) key for cross-attention, and tensor shapes never have a zero dimension
+    ni = _round_up(max(int(enc_len.max()), 1), pad_to_multiple_of)
+    nt = _round_up(max(int(dec_len.max()), 1), pad_to_multiple_of)
     (enc_ids, enc_mod, enc_pos), enc_mask = _pad_group([[getattr(s, f) for s in samples] for f in _ENC], enc_len, ni)
     (dec_ids, dec_mod, dec_pos), dec_mask = _pad_group([[getattr(s, f) for s in samples] for f in _DEC], dec_len, nt)
     return MultimodalBatch(

@@ -271,7 +271,7 @@ def _partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     """Random composition of ``total`` into ``parts`` positive integers (uniform over compositions)."""
     if parts == 1:
         return np.array([total], dtype=np.int64)
-    cuts = np.sort(rng.choice(total - 1, parts - 1, replace=False)) + 1
+    cuts = np.sort(rng.permutation(total - 1)[: parts - 1]) + 1
     return np.diff(np.concatenate(([0], cuts, [total]))).astype(np.int64)
 
 
