@@ -155,15 +155,19 @@ def _check_modalities(modalities: Iterable[str] | None) -> frozenset[str] | None
 class _Decode:
     """Pipeline stage: shard files -> validated, filtered, resized raw samples; corrupt samples are skipped."""
 
-    def __init__(self, resolution: int | None, modalities: frozenset[str] | None):
+    def __init__(self, resolution: int | None, modalities: frozenset[str] | None, require: frozenset[str] | None):
         self.resolution = resolution
         self.modalities = modalities
+        self.require = require
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for files in src:
             key = files.get("__key__")
             try:
                 sample = decode_sample(files)
+                missing = sorted(self.require - set(sample)) if self.require else []
+                if missing:
+                    raise ValueError(f"missing required modalities {missing} (incomplete or truncated shard?)")
                 sample = {k: v for k, v in sample.items() if k in ("__key__", "__url__") or k in MODALITY_FILES}
                 if self.modalities is not None:
                     sample = {k: v for k, v in sample.items() if k.startswith("__") or k in self.modalities}
@@ -209,17 +213,22 @@ def make_pipeline(
     shuffle_seed: int | None = None,
     modalities: Iterable[str] | None = None,
     shuffle_buffer: int = 0,
+    require: Iterable[str] | None = None,
 ):
     """A ``webdataset.DataPipeline`` (torch ``IterableDataset``) yielding raw-sample dicts.
 
     source: see ``resolve_shards``. resolution: resize to this square size (None = keep). shuffle_seed: None =
     file order; an int shuffles the shard order with that seed and, if ``shuffle_buffer > 0``, samples within a
     buffer of that many samples. modalities: keep only these (None = all present); samples having none of them
-    are skipped."""
+    are skipped. require: samples lacking any of these modalities are logged and skipped (a sample cut short by
+    a truncated shard loses its last files; Python's tarfile ends a shard cut at a file boundary silently)."""
     import webdataset as wds
 
     shards = resolve_shards(source)
     wanted = _check_modalities(modalities)
+    required = _check_modalities(require)
+    if wanted is not None and required is not None and not required <= wanted:
+        raise ValueError(f"require {sorted(required)} must be a subset of modalities {sorted(wanted)}")
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
         raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
     if shuffle_buffer < 0:
@@ -227,9 +236,12 @@ def make_pipeline(
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(shards)
     select = None
-    if wanted is not None:
+    if wanted is not None:  # skip unread files early
         suffixes = tuple("." + MODALITY_FILES[m] for m in wanted)
-        select = lambda name: name.endswith(suffixes)  # noqa: E731 - skip unread files early
+
+        def select(name: str) -> bool:
+            return name.endswith(suffixes)
+
     stages: list[Any] = [
         wds.SimpleShardList(shards),
         wds.split_by_node,
@@ -238,7 +250,7 @@ def make_pipeline(
     ]
     if shuffle_seed is not None and shuffle_buffer > 0:
         stages.append(_SeededShuffle(shuffle_buffer, shuffle_seed))
-    stages.append(_Decode(resolution, wanted))
+    stages.append(_Decode(resolution, wanted, required))
     return wds.DataPipeline(*stages)
 
 
@@ -248,9 +260,10 @@ def iter_samples(
     shuffle_seed: int | None = None,
     modalities: Iterable[str] | None = None,
     shuffle_buffer: int = 0,
+    require: Iterable[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Stream raw samples (docs/internals.md section 1) from shards; see ``make_pipeline``."""
-    yield from make_pipeline(source, resolution, shuffle_seed, modalities, shuffle_buffer)
+    yield from make_pipeline(source, resolution, shuffle_seed, modalities, shuffle_buffer, require)
 
 
 def load_samples(
@@ -260,6 +273,7 @@ def load_samples(
     shuffle_seed: int | None = None,
     modalities: Iterable[str] | None = None,
     shuffle_buffer: int = 0,
+    require: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The first ``limit`` samples (all if None) of ``iter_samples(...)`` as a list."""
     if limit is not None and limit < 0:
@@ -267,7 +281,7 @@ def load_samples(
     out = []
     if limit == 0:
         return out
-    for sample in iter_samples(source, resolution, shuffle_seed, modalities, shuffle_buffer):
+    for sample in iter_samples(source, resolution, shuffle_seed, modalities, shuffle_buffer, require):
         out.append(sample)
         if limit is not None and len(out) >= limit:
             break
