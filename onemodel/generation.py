@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onemodel.batch import MaskedSample, collate
+from onemodel.batch import collate
+from onemodel.masking import build_sample
 from onemodel.sampling import (
     AutoregressiveSchedule,
     MaskGITSchedule,
@@ -123,25 +124,17 @@ def encoder_batch(
     cfg = model.config
     partial = partial or {}
     samples = []
-    empty = torch.zeros(0, dtype=torch.long)
     for b in range(batch_size):
-        ids, mods, poss = [], [], []
-        for m_idx, mod in enumerate(cfg.modalities):
+        spec: dict[str, object] = {}
+        for mod in cfg.modalities:
             if mod.name in rows and rows[mod.name][b] is not None:
-                tok = rows[mod.name][b].to("cpu")
-                pos = torch.arange(tok.shape[0])
+                spec[mod.name] = rows[mod.name][b].cpu()
             elif mod.name in partial:
                 grid_ids, known = partial[mod.name]
-                pos = known[b].to("cpu").nonzero().squeeze(1)
-                tok = grid_ids[b].to("cpu")[pos]
-            else:
-                continue
-            ids.append(tok)
-            mods.append(torch.full_like(pos, m_idx))
-            poss.append(pos)
-        cat = (lambda xs: torch.cat(xs) if xs else empty)
-        i, m, p = cat(ids), cat(mods), cat(poss)
-        samples.append(MaskedSample(enc_ids=i, enc_mod=m, enc_pos=p, dec_ids=empty, dec_mod=empty, dec_pos=empty))
+                pos = known[b].cpu().nonzero().squeeze(1)  # (n_known,) ascending
+                if pos.numel():
+                    spec[mod.name] = (grid_ids[b].cpu()[pos], pos)
+        samples.append(build_sample(spec, {}, cfg.modalities))
     batch = collate(samples)
     enc = [batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask]
     if enc[0].shape[1] == 0:  # nothing to encode anywhere: one padding slot (attention needs >= 1 key)
@@ -409,15 +402,16 @@ def generate(
         t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).flatten()
         vocab = cfg.modalities[cfg.modality_index(name)].vocab_size
         banned[name] = t[(t >= 0) & (t < vocab)].unique().to(device)
-    generators = make_generators(seed, batch_size, device)
+    make_generators(seed, batch_size, device)  # validate the seeds before any work
 
     out = GenerationOutput(logits={} if output_logits else None)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for name in targets:
+            for k, name in enumerate(targets):
                 opts = per_target[name]
+                generators = make_generators(seed, batch_size, device, stream=k)
                 mod = cfg.modalities[cfg.modality_index(name)]
                 if mod.is_grid:
                     ids, probs, logits = _decode_grid(

@@ -210,9 +210,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
-def make_generators(seed: int | Sequence[int], batch_size: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+def make_generators(
+    seed: int | Sequence[int], batch_size: int, device: torch.device | str = "cpu", stream: int = 0
+) -> list[torch.Generator]:
     """One seeded generator per sample: ``seed`` (int) gives every sample the same seed, a sequence gives each
-    sample its own (so sample i decoded alone with ``seed=seeds[i]`` draws the same numbers)."""
+    sample its own (so sample i decoded alone with ``seed=seeds[i]`` draws the same numbers).
+
+    stream: an independent random stream per value (``generate`` uses one per target), so how many numbers one
+    target consumed (e.g. a batch decoding past a sample's eos) never shifts the numbers of the next target.
+    """
+    import numpy as np
+
     if isinstance(seed, bool):
         raise TypeError("seed must be an int or a list of ints")
     if isinstance(seed, int):
@@ -225,8 +233,9 @@ def make_generators(seed: int | Sequence[int], batch_size: int, device: torch.de
             raise TypeError("seeds must be ints")
     gens = []
     for s in seeds:
+        state = np.random.SeedSequence([int(s) % (2**63), int(stream)]).generate_state(1, dtype=np.uint64)[0]
         g = torch.Generator(device=device)
-        g.manual_seed(int(s) % (2**63))
+        g.manual_seed(int(state) % (2**63))
         gens.append(g)
     return gens
 
