@@ -14,8 +14,9 @@ A *token sample* maps modality name -> 1-D int ids without padding (docs/interna
        share the Dirichlet gave it). Then, taking the sequences in random order:
          - input only  -> the whole sequence is input (enc_pos 0..L-1);
          - target only -> the whole sequence is an autoregressive target (ids ending with eos, dec_pos 0..L-1);
-         - both -> with probability ``span_masking_prob`` T5 span masking (below), else the whole sequence is
-           input; sequences too short to span-mask (fewer than 2 tokens before eos) are given whole as input;
+         - both -> with probability ``span_masking_prob`` T5 span masking (below); otherwise, or when the
+           sequence is too short to span-mask (fewer than 2 tokens before eos), it is given whole as input or
+           whole as target with equal probability;
          - none -> not used.
        A sequence's tokens count against the budgets; if the remaining budget is smaller, the input / target
        is cut to a prefix of the remaining size (a role with no budget left is dropped).
@@ -101,7 +102,7 @@ class MaskingConfig:
     span_mean_length: mean span length (number of spans = round(masked / mean)).
     max_sentinels: most spans per sequence (also limited by the text tokenizer's sentinel count).
     span_masking_prob: probability that a sequence chosen both as input and target is span-masked; otherwise
-        the whole sequence is the input.
+        the whole sequence is the input or the target (equal odds).
     condition_dropout: probability that a sample gets no inputs at all (for classifier-free guidance).
     seed: base seed of ``sample_rng``.
     """
@@ -495,22 +496,24 @@ def mask_sample(
             want_in = i in p_in and draws[j, 0] < p_in[i] * config.input_budget / n and rem_in > 0
             want_tg = i in p_tg and draws[j, 1] < p_tg[i] * config.target_budget / n and rem_tg > 0
             inp = tgt = None
-            if want_in and want_tg and rng.random() < config.span_masking_prob:
-                lo, hi = config.span_noise_density
-                sentinels = text.sentinel_ids[: config.max_sentinels]
-                masked = span_mask(seq, text.eos_id, sentinels, rng.uniform(lo, hi), config.span_mean_length, rng)
-                if masked is not None:
-                    inp, tgt = masked
-                    m = mods[i]
-                    if sentinels and max(sentinels) >= m.vocab_size:
-                        raise ValueError(
-                            f"sentinel id {max(sentinels)} is outside the vocabulary of {m.name!r} ({m.vocab_size})"
-                        )
-                else:
-                    inp = seq
-            elif want_in:
+            if want_in and want_tg:
+                if rng.random() < config.span_masking_prob:
+                    lo, hi = config.span_noise_density
+                    sentinels = text.sentinel_ids[: config.max_sentinels]
+                    masked = span_mask(seq, text.eos_id, sentinels, rng.uniform(lo, hi), config.span_mean_length, rng)
+                    if masked is not None:
+                        inp, tgt = masked
+                        if max(sentinels) >= mods[i].vocab_size:
+                            raise ValueError(
+                                f"sentinel id {max(sentinels)} is outside the vocabulary of {mods[i].name!r} "
+                                f"({mods[i].vocab_size}); the text tokenizer does not match the modality config"
+                            )
+                if inp is None:  # not span-masked (by chance or too short): whole input or whole target
+                    want_in = rng.random() < 0.5
+                    want_tg = not want_in
+            if inp is None and want_in:
                 inp = seq
-            elif want_tg:
+            elif inp is None and want_tg:
                 tgt = seq
             if inp is not None:
                 inp = inp[:rem_in]

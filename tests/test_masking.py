@@ -235,9 +235,16 @@ def test_span_masking_through_mask_sample():
         spans.add(tuple(inp.tolist()))
         assert round(0.3 * 19) == int((~np.isin(tgt.numpy(), SENTINELS)).sum()) - 1  # masked tokens (+ eos)
     assert len(spans) > 20  # span placement is random
-    whole = mask_sample(_sample(names=("caption",)), MODS, MaskingConfig(
-        input_modalities=["caption"], target_modalities=["caption"], span_masking_prob=0.0), 0, TEXT)
-    assert whole.num_targets == 0 and np.array_equal(whole.enc_ids.numpy(), _sample(names=("caption",))["caption"])
+    caption = _sample(names=("caption",))["caption"]
+    roles = set()
+    for seed in range(20):  # no span masking: both roles -> whole input or whole target, never both
+        whole = mask_sample({"caption": caption}, MODS, MaskingConfig(
+            input_modalities=["caption"], target_modalities=["caption"], span_masking_prob=0.0), seed, TEXT)
+        assert (whole.num_inputs == 0) != (whole.num_targets == 0)
+        ids = whole.enc_ids if whole.num_inputs else whole.dec_ids
+        assert np.array_equal(ids.numpy(), caption)
+        roles.add(whole.num_inputs > 0)
+    assert roles == {True, False}
 
 
 def test_allow_lists_and_condition_dropout():
