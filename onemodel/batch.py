@@ -186,7 +186,8 @@ class MultimodalBatch:
                 raise ValueError(f"MultimodalBatch fields {group} must share one shape, got {sorted(shapes)}")
         if self.enc_ids.shape[0] != self.dec_ids.shape[0]:
             raise ValueError(
-                f"MultimodalBatch: encoder batch size {self.enc_ids.shape[0]} != decoder batch size {self.dec_ids.shape[0]}"
+                f"MultimodalBatch: encoder batch size {self.enc_ids.shape[0]} != "
+                f"decoder batch size {self.dec_ids.shape[0]}"
             )
         devices = {getattr(self, f.name).device for f in dataclasses.fields(self)}
         if len(devices) != 1:
@@ -215,7 +216,9 @@ def _round_up(n: int, multiple: int | None) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pad_group(tensors: list[list[torch.Tensor]], lengths: torch.Tensor, width: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _pad_group(
+    tensors: list[list[torch.Tensor]], lengths: torch.Tensor, width: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Right-pad each field's list of 1-D tensors to ``width`` -> (B, width) tensors + (B, width) mask."""
     padded = []
     for field in tensors:

@@ -131,7 +131,9 @@ class MaskingConfig:
             if v is None and name == "target_alphas":
                 continue
             if not isinstance(v, (list, tuple)) or not v or not all(_is_pos_number(a) for a in v):
-                raise ValueError(f"masking.{name} must be a non-empty list of numbers > 0 (Dirichlet concentrations), got {v!r}")
+                raise ValueError(
+                    f"masking.{name} must be a non-empty list of numbers > 0 (Dirichlet concentrations), got {v!r}"
+                )
         if not isinstance(self.alpha_scale, dict) or not all(
             isinstance(k, str) and _is_pos_number(s) for k, s in self.alpha_scale.items()
         ):

@@ -79,7 +79,8 @@ def main() -> None:
     print(f"collate 64 samples: {results['collate 64 samples (ms)']} ms")
     print(f"{'modality':10s} {'in tok':>7s} {'tgt tok':>7s}   roles (input / target / span / none)")
     for m in mods:
-        line = f"{m.name:10s} {results['mean input tokens'][m.name]:>7.1f} {results['mean target tokens'][m.name]:>7.1f}"
+        n_in, n_tgt = results["mean input tokens"][m.name], results["mean target tokens"][m.name]
+        line = f"{m.name:10s} {n_in:>7.1f} {n_tgt:>7.1f}"
         if m.is_sequence:
             r = results["sequence roles"][m.name]
             line += f"   {r['input']:.0%} / {r['target']:.0%} / {r['span']:.0%} / {r['none']:.0%}"

@@ -280,8 +280,8 @@ def test_select_qa():
 
 
 def test_collate_pads_and_roundtrips():
-    samples = [mask_sample(_sample(s), MODS, MaskingConfig(input_budget=20 + 30 * s, target_budget=50 - 10 * s), s, TEXT)
-               for s in range(4)]
+    cfgs = [MaskingConfig(input_budget=20 + 30 * s, target_budget=50 - 10 * s) for s in range(4)]
+    samples = [mask_sample(_sample(s), MODS, cfg, s, TEXT) for s, cfg in enumerate(cfgs)]
     samples.append(mask_sample(_sample(), MODS, MaskingConfig(condition_dropout=1.0), 0, TEXT))  # no inputs
     batch = collate(samples, pad_to_multiple_of=8)
     batch.validate(MODS)
