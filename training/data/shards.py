@@ -48,7 +48,7 @@ _SUFFIX_TO_MODALITY = {v: k for k, v in MODALITY_FILES.items()}
 SHARD_PATTERN = "shard-{index:06d}.tar"
 INCOMPLETE_SUFFIX = ".incomplete"
 # Fixed mtime inside the tar: the same samples give byte-identical shards.
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0  # an int: a float mtime makes tarfile add a 1 KB pax header to every file
 _PNG_COMPRESS_LEVEL = 3  # fast; flat synthetic images compress well anyway
 
 
