@@ -25,7 +25,6 @@ Splits come from disjoint seed ranges (``SPLIT_SEED_OFFSETS``).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -219,7 +218,7 @@ def _ambiguous(a: dict[str, Any], b: dict[str, Any], rel: str, resolution: int) 
 
 
 def describe_shape(s: dict[str, Any], with_size: bool = True) -> str:
-    """"small red circle" (or "red circle" with ``with_size=False``)."""
+    """The phrase "small red circle" for a scene-graph shape ("red circle" with ``with_size=False``)."""
     return f"{s['size']} {s['color']} {s['shape']}" if with_size else f"{s['color']} {s['shape']}"
 
 
@@ -477,12 +476,3 @@ def make_shapes_dataset(
     write_meta(out, meta)
     logger.info("wrote %d shapes samples to %s in %.1f s", meta["num_samples"], out, seconds)
     return {**meta, "cached": False, "seconds": seconds}
-
-
-def _main_check() -> None:  # pragma: no cover - debugging aid: python -m training.data.shapes
-    s = generate_sample(0)
-    print(json.dumps({k: v for k, v in s.items() if k in ("caption", "qa", "boxes")}, indent=1))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main_check()
