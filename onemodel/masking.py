@@ -75,6 +75,7 @@ from onemodel.modalities import Modality
 
 __all__ = [
     "MaskingConfig",
+    "MaskingTask",
     "TextSpecialIds",
     "mask_sample",
     "build_sample",
@@ -86,6 +87,30 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class MaskingTask:
+    """An explicit task mixed into random 4M masking (e.g. rgb -> caption, rgb + question -> answer).
+
+    inputs: modalities given whole to the encoder. targets: modalities to predict: sequences whole
+    (autoregressive), grids MaskGIT-style (a cosine-scheduled random fraction of positions is a target; the
+    other positions of that grid are inputs), so the model learns exactly what generation asks of it.
+    weight: relative probability among the tasks a sample can serve.
+    """
+
+    inputs: list[str]
+    targets: list[str]
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("a masking task needs at least one target modality")
+        both = sorted(set(self.inputs) & set(self.targets))
+        if both:
+            raise ValueError(f"masking task lists {both} as both input and target")
+        if not _is_pos_number(self.weight):
+            raise ValueError(f"masking task weight must be a number > 0, got {self.weight!r}")
 
 
 @dataclass
@@ -104,6 +129,8 @@ class MaskingConfig:
     span_masking_prob: probability that a sequence chosen both as input and target is span-masked; otherwise
         the whole sequence is the input or the target (equal odds).
     condition_dropout: probability that a sample gets no inputs at all (for classifier-free guidance).
+    tasks / task_prob: with probability ``task_prob`` a sample is masked for one of the explicit ``tasks``
+        it has all modalities for (chosen by weight) instead of by the random Dirichlet split; see MaskingTask.
     seed: base seed of ``sample_rng``.
     """
 
@@ -119,6 +146,8 @@ class MaskingConfig:
     max_sentinels: int = 16
     span_masking_prob: float = 1.0
     condition_dropout: float = 0.0
+    tasks: list[MaskingTask] = field(default_factory=list)
+    task_prob: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,7 +183,10 @@ class MaskingConfig:
             raise ValueError(f"masking.span_noise_density must be [low, high] with 0 < low <= high < 1, got {d!r}")
         if not _is_number(self.span_mean_length) or self.span_mean_length < 1.0:
             raise ValueError(f"masking.span_mean_length must be >= 1, got {self.span_mean_length!r}")
-        for name in ("span_masking_prob", "condition_dropout"):
+        if self.task_prob > 0 and not self.tasks:
+            raise ValueError("masking.task_prob > 0 needs a non-empty masking.tasks list")
+        self.tasks = [t if isinstance(t, MaskingTask) else MaskingTask(**t) for t in self.tasks]
+        for name in ("span_masking_prob", "condition_dropout", "task_prob"):
             v = getattr(self, name)
             if not _is_number(v) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"masking.{name} must be a probability in [0, 1], got {v!r}")
@@ -162,8 +194,10 @@ class MaskingConfig:
     def check_modalities(self, modalities: Sequence[Modality]) -> None:
         """Raise ValueError if the config names a modality that is not in ``modalities``."""
         known = {m.name for m in modalities}
-        for name in ("input_modalities", "target_modalities", "alpha_scale"):
-            listed = getattr(self, name)
+        named = {name: getattr(self, name) for name in ("input_modalities", "target_modalities", "alpha_scale")}
+        for j, task in enumerate(self.tasks):
+            named[f"tasks[{j}]"] = [*task.inputs, *task.targets]
+        for name, listed in named.items():
             if listed is None:
                 continue
             unknown = sorted(set(listed) - known)
@@ -472,6 +506,10 @@ def mask_sample(
     arrays = _prepare_tokens(tokens, mods, index, text)
 
     present = sorted(arrays)
+    if config.task_prob > 0 and rng.random() < config.task_prob:
+        task_sample = _mask_for_task(arrays, mods, index, config, rng)
+        if task_sample is not None:
+            return task_sample
     in_allowed = None if config.input_modalities is None else {index[n] for n in config.input_modalities}
     tg_allowed = None if config.target_modalities is None else {index[n] for n in config.target_modalities}
     in_ok = [i for i in present if in_allowed is None or i in in_allowed]
@@ -548,6 +586,43 @@ def mask_sample(
             pos = np.sort(perm[a : a + t])
             dec[i] = (arrays[i][pos], pos)
 
+    enc_ids, enc_mod, enc_pos = _pack(enc)
+    dec_ids, dec_mod, dec_pos = _pack(dec)
+    return MaskedSample(enc_ids, enc_mod, enc_pos, dec_ids, dec_mod, dec_pos)
+
+
+def _mask_for_task(
+    arrays: dict[int, np.ndarray], mods: tuple[Modality, ...], index: dict[str, int], config: MaskingConfig,
+    rng: np.random.Generator,
+) -> MaskedSample | None:
+    """Mask one sample for an explicit task it can serve (MaskingTask); None if it can serve none."""
+    eligible = [t for t in config.tasks if all(index[n] in arrays for n in (*t.inputs, *t.targets))]
+    if not eligible:
+        return None
+    weights = np.array([t.weight for t in eligible], dtype=np.float64)
+    task = eligible[int(rng.choice(len(eligible), p=weights / weights.sum()))]
+    dropped = config.condition_dropout > 0 and rng.random() < config.condition_dropout
+    enc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    dec: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if not dropped:
+        for name in task.inputs:
+            i = index[name]
+            enc[i] = (arrays[i], np.arange(len(arrays[i])))
+    for name in task.targets:
+        i = index[name]
+        seq = arrays[i]
+        if mods[i].is_sequence:
+            dec[i] = (seq, np.arange(len(seq)))
+            continue
+        # MaskGIT-style: a cosine-scheduled fraction of the grid is the target, the rest (if any) is input
+        n = len(seq)
+        num_masked = int(np.clip(np.ceil(np.cos(0.5 * np.pi * rng.random()) * n), 1, n))
+        perm = rng.permutation(n)
+        pos_t = np.sort(perm[:num_masked])
+        dec[i] = (seq[pos_t], pos_t)
+        if num_masked < n and not dropped:
+            pos_i = np.sort(perm[num_masked:])
+            enc[i] = (seq[pos_i], pos_i)
     enc_ids, enc_mod, enc_pos = _pack(enc)
     dec_ids, dec_mod, dec_pos = _pack(dec)
     return MaskedSample(enc_ids, enc_mod, enc_pos, dec_ids, dec_mod, dec_pos)

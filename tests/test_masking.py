@@ -419,3 +419,46 @@ def test_masked_batches_run_through_the_model():
         assert torch.isfinite(out.loss)
         out.loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_task_mixture_masks_for_explicit_tasks():
+    tasks = [
+        {"inputs": ["rgb", "question"], "targets": ["answer"]},
+        {"inputs": ["rgb"], "targets": ["depth"], "weight": 2.0},
+    ]
+    cfg = from_dict(MaskingConfig, {"tasks": tasks, "task_prob": 1.0})
+    sample = _sample(0)
+    seen = set()
+    for seed in range(40):
+        ms = mask_sample(sample, MODS, cfg, seed, TEXT)
+        enc, dec = _per_mod(ms, "enc"), _per_mod(ms, "dec")
+        if IDX["answer"] in dec:  # VQA task: whole rgb + whole question in, whole answer out
+            seen.add("vqa")
+            assert set(dec) == {IDX["answer"]} and set(enc) == {IDX["rgb"], IDX["question"]}
+            assert np.array_equal(dec[IDX["answer"]][0], sample["answer"])
+            assert np.array_equal(enc[IDX["rgb"]][1], np.arange(256))
+        else:  # depth task: MaskGIT-style, depth positions split between encoder and decoder
+            seen.add("depth")
+            assert set(dec) == {IDX["depth"]}
+            tgt_pos = dec[IDX["depth"]][1]
+            in_pos = enc.get(IDX["depth"], (np.zeros(0), np.zeros(0, dtype=int)))[1]
+            assert len(tgt_pos) >= 1 and len(np.intersect1d(tgt_pos, in_pos)) == 0
+            assert np.array_equal(np.sort(np.concatenate([tgt_pos, in_pos])), np.arange(256))
+            assert np.array_equal(dec[IDX["depth"]][0], sample["depth"][tgt_pos])
+    assert seen == {"vqa", "depth"}
+    # a sample that lacks a task's modalities falls back to random masking (here: no question/answer/depth)
+    ms = mask_sample(_sample(1, names=("rgb", "caption")), MODS, cfg, 3, TEXT)
+    assert ms.num_inputs + ms.num_targets > 0
+    # condition dropout removes every input, also the partial grid
+    cfg_drop = from_dict(MaskingConfig, {"tasks": tasks[1:], "task_prob": 1.0, "condition_dropout": 1.0})
+    assert mask_sample(sample, MODS, cfg_drop, 0, TEXT).num_inputs == 0
+
+
+def test_task_config_errors():
+    with pytest.raises(ConfigError, match="both input and target"):
+        from_dict(MaskingConfig, {"tasks": [{"inputs": ["rgb"], "targets": ["rgb"]}], "task_prob": 0.5})
+    with pytest.raises(ConfigError, match="non-empty masking.tasks"):
+        from_dict(MaskingConfig, {"task_prob": 0.5})
+    cfg = from_dict(MaskingConfig, {"tasks": [{"inputs": ["rgb"], "targets": ["normals"]}], "task_prob": 0.5})
+    with pytest.raises(ValueError, match="tasks\\[0\\].*normals"):
+        mask_sample(_sample(0), MODS, cfg, 0, TEXT)
