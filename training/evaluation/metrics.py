@@ -9,7 +9,8 @@ a ``dict`` of JSON-serialisable numbers. Standard tools are used where they exis
 - detection: ``pycocotools`` ``COCOeval`` (mAP@0.5 and mAP@[.5:.95]);
 - VQA: the answer normalisation of the official VQA evaluation (punctuation, number words -> digits,
   articles, contractions) and its accuracy formula;
-- depth (AbsRel, RMSE, delta1) and segmentation (confusion matrix -> mIoU, pixel accuracy) in numpy.
+- depth (AbsRel, RMSE, delta1) and segmentation (confusion matrix -> mIoU, pixel accuracy) in numpy;
+- tokenizer reconstruction (PSNR, codebook usage / perplexity): re-exported from ``tokenizers_mm.metrics``.
 
 Streaming accumulators (:class:`DepthAccumulator`, :class:`SegmentationAccumulator`) score a dataset one
 batch at a time.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import re
 import shutil
@@ -31,6 +31,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+# Tokenizer reconstruction metrics live with the tokenizers; re-exported here so evaluation has one namespace.
+from tokenizers_mm.metrics import codebook_usage, psnr, reconstruction_metrics
 
 __all__ = [
     "caption_scores",
@@ -47,6 +50,7 @@ __all__ = [
     "detection_map",
     "psnr",
     "codebook_usage",
+    "reconstruction_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -614,38 +618,3 @@ def detection_map(
         per_class[c] = None if np.all(col < 0) else float(np.mean(col))
     out["per_class_ap_50"] = per_class
     return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tokenizer reconstruction
-
-
-def psnr(pred: Any, target: Any, data_range: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)`` over all pixels (``inf`` when
-    identical). For uint8 rgb keep ``data_range=255``."""
-    p = np.asarray(pred, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
-    if p.shape != t.shape:
-        raise ValueError(f"prediction shape {p.shape} != target shape {t.shape}")
-    mse = float(np.mean((p - t) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
-def codebook_usage(ids: Any, codebook_size: int) -> dict[str, Any]:
-    """How much of a VQ codebook a set of token ids uses.
-
-    Returns ``{"usage": fraction of the codebook_size codes used at least once, "perplexity": exp(entropy)
-    of the code histogram (1 = one code, codebook_size = uniform), "num_tokens"}``.
-    """
-    a = np.asarray(ids).ravel()
-    if a.size == 0:
-        raise ValueError("no token ids given")
-    if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= codebook_size:
-        raise ValueError(f"token ids must be integers in [0, {codebook_size})")
-    counts = np.bincount(a.astype(np.int64), minlength=codebook_size)
-    prob = counts[counts > 0] / a.size
-    return {
-        "usage": float(np.count_nonzero(counts) / codebook_size),
-        "perplexity": float(np.exp(-(prob * np.log(prob)).sum())),
-        "num_tokens": int(a.size),
-    }
