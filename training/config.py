@@ -54,6 +54,14 @@ class ModelSection:
     learned_positions: bool = False
     tie_embeddings: bool = False
     gradient_checkpointing: bool = False  # recompute block activations in backward (training-only, not saved)
+    # Not OneModelConfig fields: max tokens (eos included) of each sequence modality, e.g. {caption: 48}; names left
+    # out take the longest sequence recorded in the token shards' meta.json (the bundle defaults for raw data).
+    max_lengths: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.max_lengths.items() if v < 0}
+        if bad:
+            raise ValueError(f"model.max_lengths must be >= 0 (0 = leave the modality out), got {bad}")
 
 
 @dataclass
@@ -203,32 +211,41 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
     return from_dict(TrainConfig, data)
 
 
-def source_kind(path: str | Path) -> str:
-    """'tokens' for a token-shard directory (``meta.json`` with ``"kind": "tokens"``), 'raw' otherwise."""
+TOKEN_FORMAT = "onemodel-token-shards"  # meta.json "format" of token shards (training/pretokenize.py)
+
+
+def read_source_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a data directory ({} when absent)."""
     meta = Path(path) / "meta.json"
-    if meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{str(meta)!r} is not valid JSON ({err})") from err
-        if isinstance(info, dict) and info.get("kind") == "tokens":
-            return "tokens"
-    return "raw"
+    if not meta.is_file():
+        return {}
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(meta)!r} is not valid JSON ({err})") from err
+    return info if isinstance(info, dict) else {}
+
+
+def source_kind(path: str | Path) -> str:
+    """'tokens' for a token-shard directory (``meta.json`` with ``"format": "onemodel-token-shards"``), else 'raw'."""
+    return "tokens" if read_source_meta(path).get("format") == TOKEN_FORMAT else "raw"
 
 
 def bundle_modality_names(bundle_dir: str | Path) -> list[str]:
-    """Names of the modalities a tokenizer bundle provides (read from its JSON files; nothing heavy is loaded)."""
+    """Names of the modalities a tokenizer bundle provides."""
     from tokenizers_mm.bundle import TokenizerBundle
 
-    return list(TokenizerBundle.modality_names(bundle_dir))
+    return [spec["name"] for spec in TokenizerBundle.from_pretrained(bundle_dir).modalities()]
 
 
-def validate_train_config(config: TrainConfig, num_processes: int = 1) -> dict[str, Any]:
+def validate_train_config(config: TrainConfig, num_processes: int = 1,
+                          modality_names: list[str] | None = None) -> dict[str, Any]:
     """Fail fast on mistakes that the types cannot catch; returns derived values.
 
     Checks: the tokenizer bundle and every data directory exist; each source's modalities and every modality
     named in the masking config are provided by the bundle; fp16 only on CUDA; ``optim.batch_size`` is divisible
-    by ``micro_batch_size * num_processes``. Returns ``{"micro_batch_size", "grad_accum_steps", "modalities"}``.
+    by ``micro_batch_size * num_processes``. ``modality_names``: what the bundle provides (loaded from
+    ``config.tokenizers`` when None). Returns ``{"micro_batch_size", "grad_accum_steps", "modalities"}``.
     """
     if not config.tokenizers:
         raise ValueError("config key 'tokenizers' is empty: set it to a tokenizer bundle directory "
@@ -237,7 +254,7 @@ def validate_train_config(config: TrainConfig, num_processes: int = 1) -> dict[s
     if not bundle.is_dir():
         raise FileNotFoundError(f"tokenizers: bundle directory {str(bundle)!r} does not exist; train the tokenizers "
                                 "first or fix the path")
-    provided = bundle_modality_names(bundle)
+    provided = list(modality_names) if modality_names is not None else bundle_modality_names(bundle)
     if not config.data.sources:
         raise ValueError("data.sources is empty: list at least one token-shard or raw-shard directory")
     for i, source in enumerate(config.data.sources):
@@ -246,17 +263,21 @@ def validate_train_config(config: TrainConfig, num_processes: int = 1) -> dict[s
         if not path.is_dir():
             raise FileNotFoundError(f"{key}.path: data directory {source.path!r} does not exist; create it with "
                                     "'onemodel data' / 'onemodel tokenize' or fix the path")
-        if not (path / source.split).is_dir():
+        if not (path / source.split).is_dir() and not (source.split == "train" and any(path.glob("*.tar"))):
             raise FileNotFoundError(f"{key}.split: {str(path / source.split)!r} does not exist; the directory must "
                                     f"hold a '{source.split}/' sub-directory of shards")
         kind = source_kind(path)
         if kind == "raw" and not source.tokenize_on_the_fly:
-            raise ValueError(f"{key}: {source.path!r} holds raw shards (no token meta.json); pre-tokenize it with "
+            raise ValueError(f"{key}: {source.path!r} holds raw shards (no token-shard meta.json); pre-tokenize it with "
                              "'onemodel tokenize' or set tokenize_on_the_fly: true")
         for name in source.modalities or []:
             if name not in provided:
                 raise ValueError(f"{key}.modalities: {name!r} is not provided by the tokenizer bundle "
                                  f"{str(bundle)!r} (it provides {provided})")
+    for name in config.model.max_lengths:
+        if name not in provided:
+            raise ValueError(f"model.max_lengths: {name!r} is not a sequence modality of the tokenizer bundle "
+                             f"{str(bundle)!r} (it provides {provided})")
     for key, names in _masking_modality_names(config.masking).items():
         for name in names:
             if name not in provided:

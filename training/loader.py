@@ -150,22 +150,28 @@ class RawShardSet:
         if not self.files:
             raise ValueError(f"{str(split_dir)!r} holds no samples")
         self._bundle = None
+        self._resolution: int | None = None
         logger.info("indexed %d raw samples in %s (tokenized on the fly)", len(self.files), split_dir)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getstate__(self) -> dict[str, Any]:  # never ship a loaded bundle to worker processes
-        return {**self.__dict__, "_bundle": None}
+        return {**self.__dict__, "_bundle": None, "_resolution": None}
 
     def get(self, index: int) -> dict[str, Any]:
+        from training.data.reader import resize_sample
         from training.data.shards import decode_sample
 
         if self._bundle is None:
-            from tokenizers_mm.bundle import TokenizerBundle
+            from tokenizers_mm.bundle import IMAGE_TOKENIZERS, TokenizerBundle
 
             self._bundle = TokenizerBundle.from_pretrained(self.bundle_dir)
+            sizes = {self._bundle[n].image_size for n in IMAGE_TOKENIZERS if n in self._bundle}
+            self._resolution = sizes.pop() if len(sizes) == 1 else None
         raw = decode_sample(self.files[index])
+        if self._resolution is not None:  # images at the tokenizers' input size (as pre-tokenization does)
+            raw = resize_sample(raw, self._resolution)
         with torch.no_grad():
             tokens = self._bundle.tokenize_sample(raw)
         if self.keep is not None:

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -73,6 +74,22 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def model_modalities(config: TrainConfig, bundle: Any) -> tuple[Any, ...]:
+    """The model's modalities: one per tokenizer of the bundle (grid) and the text sequence modalities, with
+    ``max_length`` = ``model.max_lengths`` where given, else the longest sequence recorded by pre-tokenization
+    in the token sources' ``meta.json`` (largest over sources), else the bundle's defaults."""
+    from onemodel.modalities import Modality
+    from training.config import read_source_meta, source_kind
+
+    lengths: dict[str, int] = {}
+    for source in config.data.sources:
+        if Path(source.path).is_dir() and source_kind(source.path) == "tokens":
+            for name, n in read_source_meta(source.path).get("max_lengths", {}).items():
+                lengths[name] = max(lengths.get(name, 0), int(n))
+    lengths.update(config.model.max_lengths)
+    return tuple(Modality(**spec) for spec in bundle.modalities(lengths or None))
 
 
 def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: TrainConfig, out_dir: Path,
@@ -157,6 +174,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from onemodel.masking import TextSpecialIds
     from onemodel.model import OneModel, OneModelConfig
     from tokenizers_mm.bundle import TokenizerBundle
     from training.checkpointing import latest_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
@@ -166,11 +184,20 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     # ---- config: fail fast, before any model or data is built
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig (see training.config.load_train_config), got {type(config).__name__}")
-    num_processes = PartialState().num_processes
-    derived = validate_train_config(config, num_processes)
+    # CPU when there is no GPU (or ACCELERATE_USE_CPU=1): several CPU processes then talk over gloo
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    num_processes = PartialState(cpu=use_cpu).num_processes
+    if not config.tokenizers or not Path(config.tokenizers).is_dir():
+        validate_train_config(config, num_processes, modality_names=[])  # raises the "bundle missing" error
+    bundle = TokenizerBundle.from_pretrained(config.tokenizers)
+    modalities = model_modalities(config, bundle)
+    names = [m.name for m in modalities]
+    derived = validate_train_config(config, num_processes, modality_names=names)
     micro, accum = derived["micro_batch_size"], derived["grad_accum_steps"]
+    text_ids = TextSpecialIds.coerce(bundle.text) if "text" in bundle else None
     optim, log_cfg, ckpt_cfg = config.optim, config.logging, config.checkpoint
     accelerator = Accelerator(
+        cpu=use_cpu,
         mixed_precision=optim.mixed_precision,
         # masking leaves some modalities (and their parameters) out of some batches
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -186,14 +213,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
-
-    # ---- tokenizers -> modalities -> model
-    bundle = TokenizerBundle.from_pretrained(config.tokenizers)
-    modalities = tuple(bundle.modalities())
-    names = [m.name for m in modalities]
-    text_ids = bundle.text_special_ids
-    model_kwargs = config.model.__dict__.copy()
-    gradient_checkpointing = model_kwargs.pop("gradient_checkpointing")
+    model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in ("gradient_checkpointing", "max_lengths")}
     model_config = OneModelConfig(modalities=modalities, **model_kwargs)
 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
@@ -213,7 +233,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     pad = 8 if accelerator.device.type == "cuda" else None
 
     model = OneModel(model_config)
-    model.gradient_checkpointing = gradient_checkpointing
+    model.gradient_checkpointing = config.model.gradient_checkpointing
     n_params = model.num_params()
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
                                   eps=optim.eps)
