@@ -28,9 +28,12 @@ RESULTS = {
 
 def _examples(samples):
     return {
-        "caption": [{"inputs": {"rgb": s["rgb"]}, "prediction": "a red circle", "target": s["caption"]} for s in samples],
+        "caption": [
+            {"inputs": {"rgb": s["rgb"]}, "prediction": "a red circle", "target": s["caption"]} for s in samples
+        ],
         "vqa": [
-            {"inputs": {"rgb": s["rgb"], "question": s["qa"][0]["question"]}, "prediction": "2", "target": s["qa"][0]["answer"]}
+            {"inputs": {"rgb": s["rgb"], "question": s["qa"][0]["question"]}, "prediction": "2",
+             "target": s["qa"][0]["answer"]}
             for s in samples
         ],
         "depth": [{"inputs": {"rgb": s["rgb"]}, "prediction": s["depth"] * 1.1, "target": s["depth"]} for s in samples],
@@ -40,7 +43,8 @@ def _examples(samples):
             for s in samples
         ],
         "text_to_image": [
-            {"inputs": {"caption": s["caption"]}, "prediction": Image.fromarray(s["rgb"]), "target": None, "note": "judge: ok"}
+            {"inputs": {"caption": s["caption"]}, "prediction": Image.fromarray(s["rgb"]), "target": None,
+             "note": "judge: ok"}
             for s in samples
         ],
     }
@@ -49,7 +53,8 @@ def _examples(samples):
 def _write_log(path, steps=50):
     with open(path, "w") as f:
         for step in range(0, steps * 10, 10):
-            rec = {"step": step, "time": step * 0.1, "lr": 1e-3, "train/loss": 5.0 / (1 + step / 100), "train/loss/rgb": 6.0}
+            rec = {"step": step, "time": step * 0.1, "lr": 1e-3, "train/loss": 5.0 / (1 + step / 100)}
+            rec["train/loss/rgb"] = 6.0
             if step % 100 == 0:
                 rec["val/loss"] = 5.5 / (1 + step / 100)
             f.write(json.dumps(rec) + "\n")
@@ -83,13 +88,15 @@ def test_write_report_without_log_or_examples(tmp_path):
 
 
 def test_metrics_markdown_table_exact():
-    table = metrics_markdown_table({"vqa": {"accuracy": 0.96875, "num_questions": 320}, "semseg": {"per_class_iou": [1.0, None]}})
+    results = {"vqa": {"accuracy": 0.96875, "num_questions": 320}, "semseg": {"per_class_iou": [1.0, None]}}
+    table = metrics_markdown_table(results)
     assert table == (
         "| task | metric | value |\n| --- | --- | --- |\n"
         "| vqa | accuracy | 0.9688 |\n| vqa | num_questions | 320 |\n"
         "| semseg | per_class_iou[0] | 1 |\n| semseg | per_class_iou[1] | n/a |\n"
     )
-    assert metrics_html_table({"x": {"a<b": 1.0}}).count("<tr>") == 2 and "a&lt;b" in metrics_html_table({"x": {"a<b": 1.0}})
+    html = metrics_html_table({"x": {"a<b": 1.0}})
+    assert html.count("<tr>") == 2 and "a&lt;b" in html
 
 
 def test_colorize_depth_and_semseg():
@@ -112,7 +119,8 @@ def test_line_chart_draws_each_series():
 
 
 def test_training_curves_groups():
-    recs = [{"step": 1, "time": 0.1, "lr": 1e-3, "train/loss": 2.0, "val/loss": 2.1, "train/loss/rgb": 3.0, "val/loss/rgb": 3.1}]
+    recs = [{"step": 1, "time": 0.1, "lr": 1e-3, "train/loss": 2.0, "val/loss": 2.1}]
+    recs[0].update({"train/loss/rgb": 3.0, "val/loss/rgb": 3.1})
     groups = _chart_groups(recs)
     assert groups == {
         "lr": ["lr"],

@@ -233,7 +233,10 @@ def _fit(weights: np.ndarray, seed: np.ndarray, support: np.ndarray | None, max_
         return _fit(weights, seed, None, max_extent)
     shape, cx, cy, e, _ = best
     fine = _grid(
-        lambda _e: (cx - 0.5, cx + 0.5), lambda _e: (cy - 0.5, cy + 0.5), np.arange(max(e - 0.5, 0.5), e + 0.5 + 1e-9, 0.125), 0.125
+        lambda _e: (cx - 0.5, cx + 0.5),
+        lambda _e: (cy - 0.5, cy + 0.5),
+        np.arange(max(e - 0.5, 0.5), e + 0.5 + 1e-9, 0.125),
+        0.125,
     )
     result = _best(prefix, (shape,), fine, best)
     assert result is not None
@@ -400,7 +403,9 @@ def judge_accuracy_on_real(samples: Iterable[dict[str, Any]], config: JudgeConfi
         n_pred += sum(got.values())
         n_true += sum(true.values())
         if true != got and len(errors) < 10:
-            errors.append({"key": sample.get("__key__"), "expected": sorted(true.elements()), "judged": sorted(got.elements())})
+            errors.append(
+                {"key": sample.get("__key__"), "expected": sorted(true.elements()), "judged": sorted(got.elements())}
+            )
     if n == 0:
         raise ValueError("no samples given")
     return {

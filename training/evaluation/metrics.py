@@ -601,7 +601,8 @@ def detection_map(
         return out
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": v, "name": k} for k, v in cat_id.items()]}
+        categories = [{"id": v, "name": k} for k, v in cat_id.items()]
+        coco_gt.dataset = {"images": images, "annotations": anns, "categories": categories}
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(dets)
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")

@@ -153,7 +153,9 @@ def draw_boxes(image: Any, boxes: Sequence[dict[str, Any]], size: int = CELL) ->
 def _infer_kind(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return "text"
     if isinstance(value, (list, tuple)):
         return "boxes" if all(isinstance(v, dict) for v in value) else None
@@ -175,7 +177,9 @@ def _wrap(text: str, font: Any, width: int, max_lines: int) -> list[str]:
     return lines
 
 
-def _render(value: Any, kind: str | None, base_rgb: Any, depth_range: tuple[float, float] | None) -> tuple[Image.Image | None, str]:
+def _render(
+    value: Any, kind: str | None, base_rgb: Any, depth_range: tuple[float, float] | None
+) -> tuple[Image.Image | None, str]:
     """One cell: (picture or None, text shown under it)."""
     if value is None:
         return None, "(none)"
@@ -299,7 +303,10 @@ def line_chart(
 ) -> Image.Image:
     """A line chart of ``{name: (xs, ys)}`` with axes, ticks, labels and a legend (``None`` ys are gaps).
     ``log_y=None`` picks a log y axis when all values are positive and span more than 30x."""
-    pts = {k: [(float(x), float(y)) for x, y in zip(*v) if y is not None and math.isfinite(float(y))] for k, v in series.items()}
+    pts = {
+        k: [(float(x), float(y)) for x, y in zip(*v) if y is not None and math.isfinite(float(y))]
+        for k, v in series.items()
+    }
     pts = {k: v for k, v in pts.items() if v}
     font = _font(11)
     legend_rows = math.ceil(len(pts) / 2)
@@ -326,7 +333,9 @@ def line_chart(
     y_lo, y_hi = y_lo - pad, y_hi + pad
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (ty(y) - y_lo) / (y_hi - y_lo) * (bottom - top))
+        fx = (x - x_lo) / (x_hi - x_lo)
+        fy = (ty(y) - y_lo) / (y_hi - y_lo)
+        return left + fx * (right - left), bottom - fy * (bottom - top)
 
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
     for t in _nice_ticks(y_lo, y_hi):
@@ -458,7 +467,8 @@ def metrics_markdown_table(results: dict[str, Any]) -> str:
 def metrics_html_table(results: dict[str, Any]) -> str:
     """The same table as :func:`metrics_markdown_table`, as an HTML ``<table>``."""
     rows = "".join(
-        f"<tr><td>{html.escape(t)}</td><td>{html.escape(m)}</td><td class='num'>{html.escape(_format_value(v))}</td></tr>"
+        f"<tr><td>{html.escape(t)}</td><td>{html.escape(m)}</td>"
+        f"<td class='num'>{html.escape(_format_value(v))}</td></tr>"
         for t, m, v in flatten_metrics(results)
     )
     return f"<table class='metrics'><tr><th>task</th><th>metric</th><th>value</th></tr>{rows}</table>"
@@ -536,7 +546,8 @@ def write_report(
     if metrics_log is not None and Path(metrics_log).is_file() and read_metrics(metrics_log):
         try:
             training_curves(read_metrics(metrics_log)).save(out / "curves.png")
-            parts.append(f"<p>From <code>{html.escape(str(metrics_log))}</code>.</p><img src='curves.png' alt='training curves'>")
+            parts.append(f"<p>From <code>{html.escape(str(metrics_log))}</code>.</p>")
+            parts.append("<img src='curves.png' alt='training curves'>")
         except ValueError as err:
             parts.append(f"<p>{html.escape(str(err))}</p>")
     else:
