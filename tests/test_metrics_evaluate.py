@@ -150,3 +150,31 @@ def test_tokenizer_round_trip(samples):
     assert r["pixel_accuracy"] == 1.0 and r["miou"] == 1.0
     assert r["usage"] == pytest.approx(4 / 16)  # shapes uses class ids 0..3
     assert len(ev.examples["tokenizer_semseg"]) == 4
+
+
+def test_eval_command_writes_results_and_report(tmp_path, monkeypatch, capsys):
+    from onemodel import cli
+    from onemodel.pipeline import OneModelPipeline
+
+    make_shapes_dataset(tmp_path / "shapes", num_train=0, num_val=0, num_test=4, progress=False)
+    oracle = OraclePipeline(list(generate_split("test", 4)))
+    seen = {}
+
+    def fake_from_pretrained(path, device=None):
+        seen["path"], seen["device"] = path, device
+        return oracle
+
+    monkeypatch.setattr(OneModelPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.0}\n')
+    argv = ["eval", "--model", str(run_dir), "--data", str(tmp_path / "shapes"), "--tasks", "vqa", "depth",
+            "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert seen == {"path": run_dir, "device": "cpu"}
+    printed = capsys.readouterr().out
+    assert "| vqa | accuracy | 1 |" in printed and "| depth | delta1 | 1 |" in printed
+    out = run_dir / "eval"
+    written = {p.name for p in out.iterdir()}
+    assert {"results.json", "metrics.md", "report.html", "curves.png", "examples_vqa.png"} <= written
+    assert cli.main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "shapes")]) == 2
