@@ -36,6 +36,7 @@ __all__ = ["JudgeConfig", "judge_image", "attribute_accuracy", "judge_accuracy_o
 logger = logging.getLogger(__name__)
 
 SHAPE_TYPES = ("circle", "square", "triangle")
+MAX_CANDIDATES = 40_000  # templates per shape type in the coarse search
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ def _grid(cx_range, cy_range, es: np.ndarray, step: float) -> np.ndarray:
 def _fit(weights: np.ndarray, seed: np.ndarray, support: np.ndarray | None, max_extent: float) -> Fit:
     """Best template whose box contains the seed region's box (1 px tolerance) and lies in the box of the
     support (the non-background area around the seed, 1.5 px tolerance; None = anywhere). Coarse grid
-    (0.5 px) over shape type, centre and half-size, then a fine grid (0.125 px) around the coarse optimum."""
+    (0.5 px, coarser if that exceeds MAX_CANDIDATES) over shape type, centre and half-size, then finer grids
+    around the optimum down to 0.125 px."""
     h, w = weights.shape
     prefix = np.zeros((h, w + 1))
     np.cumsum(weights, axis=1, out=prefix[:, 1:])
@@ -220,27 +222,29 @@ def _fit(weights: np.ndarray, seed: np.ndarray, support: np.ndarray | None, max_
     sx0, sx1, sy0, sy1 = _box(support) if support is not None else (0, w, 0, h)
     span = max(x1 - x0, y1 - y0)
     e_lo = max(span / 2.0 - 1.0, 1.0)
-    e_hi = max(min(max(sx1 - sx0, sy1 - sy0) / 2.0 + 1.5, max_extent), e_lo + 0.5)
-    coarse = _grid(
-        lambda e: (max(x1 - 0.5 - e - 1.0, sx0 - 1.5 + e), min(x0 + 0.5 + e + 1.0, sx1 + 1.5 - e)),
-        lambda e: (max(y1 - 0.5 - e - 1.0, sy0 - 1.5 + e), min(y0 + 0.5 + e + 1.0, sy1 + 1.5 - e)),
-        np.arange(e_lo, e_hi + 1e-9, 0.5),
-        0.5,
-    )
+    # A shape is at most twice as wide as its visible part (it shows at least ~40% of itself).
+    e_hi = max(min(max(sx1 - sx0, sy1 - sy0) / 2.0 + 1.5, max_extent, span + 1.0), e_lo + 0.5)
+    for step in (0.5, 1.0, 2.0):  # coarser when the search space is large (big cluttered support)
+        coarse = _grid(
+            lambda e: (max(x1 - 0.5 - e - 1.0, sx0 - 1.5 + e), min(x0 + 0.5 + e + 1.0, sx1 + 1.5 - e)),
+            lambda e: (max(y1 - 0.5 - e - 1.0, sy0 - 1.5 + e), min(y0 + 0.5 + e + 1.0, sy1 + 1.5 - e)),
+            np.arange(e_lo, e_hi + 1e-9, step),
+            step,
+        )
+        if len(coarse) <= MAX_CANDIDATES:
+            break
     best = _best(prefix, SHAPE_TYPES, coarse, None)
     if best is None:  # the support box cannot hold the seed (noisy image): search the whole image
         assert support is not None, "the whole-image search always has candidates (e_lo fits the seed box)"
         return _fit(weights, seed, None, max_extent)
-    shape, cx, cy, e, _ = best
-    fine = _grid(
-        lambda _e: (cx - 0.5, cx + 0.5),
-        lambda _e: (cy - 0.5, cy + 0.5),
-        np.arange(max(e - 0.5, 0.5), e + 0.5 + 1e-9, 0.125),
-        0.125,
-    )
-    result = _best(prefix, (shape,), fine, best)
-    assert result is not None
-    return result
+    while step > 0.125:  # refine around the optimum: +-step at step / 4
+        shape, cx, cy, e, _ = best
+        r, step = step, step / 4
+        es = np.arange(max(e - r, 0.5), e + r + 1e-9, step)
+        fine = _grid(lambda _e: (cx - r, cx + r), lambda _e: (cy - r, cy + r), es, step)
+        best = _best(prefix, (shape,), fine, best)
+        assert best is not None
+    return best
 
 
 def judge_image(image: Any, config: JudgeConfig | None = None) -> list[dict[str, Any]]:
