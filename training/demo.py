@@ -1,0 +1,266 @@
+"""``onemodel demo``: the whole path on the synthetic shapes data, in one command.
+
+Stages (each cached: a finished stage is recorded in ``OUT/demo_state.json`` with the settings it ran with, and
+skipped when the demo is run again with the same settings; changing a stage's settings re-runs it and
+everything after it):
+
+1. ``data``       shapes train/val/test shards (training.data.shapes.make_shapes_dataset)
+2. ``tokenizers`` rgb, depth and semseg VQ tokenizers + the text tokenizer -> ``OUT/tokenizers`` (a bundle)
+3. ``tokenize``   pre-tokenized token shards -> ``OUT/tokens``
+4. ``train``      one model on all tasks (configs/demo.yaml) -> ``OUT/run`` (checkpoints, model/, metrics.jsonl);
+                  an interrupted training resumes from its last checkpoint
+5. ``eval``       every task scored on the held-out test split -> ``OUT/eval/results.json`` + ``metrics.md``,
+                  and the report: HTML page + PNG grids + training curves -> ``OUT/report/report.html``
+
+``--quick`` runs the same stages at toy size (about a minute) into a separate directory; the test suite uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("data", "tokenizers", "tokenize", "train", "eval")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run (``full`` and ``quick`` presets below)."""
+
+    resolution: int = 64
+    num_train: int = 4000
+    num_val: int = 200
+    num_test: int = 200
+    tokenizer_config_dir: str = str(CONFIG_DIR / "tokenizers")
+    tokenizer_steps: dict[str, int] = field(default_factory=dict)  # overrides the steps of each tokenizer config
+    text_vocab_size: int = 512
+    train_config: str = str(CONFIG_DIR / "demo.yaml")
+    train_overrides: list[str] = field(default_factory=list)
+    eval_limit: int = 200
+    eval_batch_size: int = 50
+    seed: int = 0
+
+
+PRESETS: dict[str, DemoSettings] = {
+    "full": DemoSettings(),
+    "quick": DemoSettings(
+        num_train=160, num_val=16, num_test=16,
+        tokenizer_steps={"rgb": 40, "depth": 40, "semseg": 40},
+        text_vocab_size=256,
+        train_overrides=[
+            "optim.max_steps=30", "optim.warmup_steps=5", "optim.batch_size=16",
+            "checkpoint.every=15", "logging.eval_every=15", "logging.eval_batches=1", "logging.log_every=5",
+            "model.dim=64", "model.encoder_depth=2", "model.decoder_depth=2",
+        ],
+        eval_limit=6, eval_batch_size=6,
+    ),
+}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageState:
+    """Which stages finished, with which settings; written atomically after every stage."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, stage: str, key: str) -> bool:
+        entry = self.data.get(stage)
+        return bool(entry and entry.get("key") == key and entry.get("done"))
+
+    def record(self, stage: str, key: str, seconds: float, info: dict[str, Any] | None = None) -> None:
+        self.data[stage] = {"key": key, "done": True, "seconds": round(seconds, 1), "info": info or {}}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _tokenizer_configs(settings: DemoSettings) -> dict[str, dict[str, Any]]:
+    """The VQ tokenizer configs of the demo (``configs/tokenizers/{rgb,depth,semseg}.yaml``)."""
+    from onemodel.config import load_config_file
+
+    out = {}
+    for modality in ("rgb", "depth", "semseg"):
+        data = load_config_file(Path(settings.tokenizer_config_dir) / f"{modality}.yaml")
+        if modality in settings.tokenizer_steps:
+            data.setdefault("train", {})["steps"] = settings.tokenizer_steps[modality]
+        data.setdefault("model", {})["image_size"] = settings.resolution
+        out[modality] = data
+    return out
+
+
+def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, progress: bool = True,
+             stop_after: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the demo into ``out_dir``; returns ``{"stages": {name: seconds}, "results": {...},
+    "report": path}``. ``force`` re-runs every stage; ``stop_after`` ends after the named stage."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+    settings = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = StageState(out / "demo_state.json")
+    paths = {
+        "data": out / "data", "tokenizers": out / "tokenizers", "tokens": out / "tokens", "run": out / "run",
+        "eval": out / "eval", "report": out / "report",
+    }
+    tok_configs = _tokenizer_configs(settings)
+    # each stage's key covers its own settings and the keys of the stages before it
+    keys: dict[str, str] = {}
+    stage_settings = {
+        "data": [settings.resolution, settings.num_train, settings.num_val, settings.num_test],
+        "tokenizers": [tok_configs, settings.text_vocab_size, settings.seed],
+        "tokenize": [],
+        "train": [Path(settings.train_config).read_text(), settings.train_overrides],
+        "eval": [settings.eval_limit, settings.eval_batch_size, settings.seed],
+    }
+    previous = ""
+    for stage in STAGES:
+        keys[stage] = previous = _digest([previous, stage_settings[stage]])
+
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "data": lambda: _stage_data(settings, paths, progress),
+        "tokenizers": lambda: _stage_tokenizers(settings, tok_configs, paths, progress),
+        "tokenize": lambda: _stage_tokenize(paths, progress),
+        "train": lambda: _stage_train(settings, paths),
+        "eval": lambda: _stage_eval(settings, paths, progress),
+    }
+    timings: dict[str, float] = {}
+    for number, stage in enumerate(STAGES, 1):
+        if not force and state.done(stage, keys[stage]):
+            logger.info("stage %d/%d %-10s cached (%s)", number, len(STAGES), stage, state.data[stage]["seconds"])
+            timings[stage] = 0.0
+        else:
+            logger.info("stage %d/%d %-10s running ...", number, len(STAGES), stage)
+            start = time.perf_counter()
+            info = runners[stage]()
+            seconds = time.perf_counter() - start
+            state.record(stage, keys[stage], seconds, info)
+            timings[stage] = seconds
+            logger.info("stage %d/%d %-10s done in %.1f s", number, len(STAGES), stage, seconds)
+        if stage == stop_after:
+            break
+    results_path = paths["eval"] / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return {"stages": timings, "results": results, "report": str(paths["report"] / "report.html"),
+            "out_dir": str(out), "state": state.data}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _stage_data(settings: DemoSettings, paths: dict[str, Path], progress: bool) -> dict[str, Any]:
+    from training.data.shapes import make_shapes_dataset
+
+    meta = make_shapes_dataset(paths["data"], settings.num_train, settings.num_val, settings.num_test,
+                               resolution=settings.resolution, progress=progress)
+    return {"splits": meta.get("splits"), "seconds": meta.get("seconds")}
+
+
+def _stage_tokenizers(settings: DemoSettings, tok_configs: dict[str, dict[str, Any]], paths: dict[str, Path],
+                      progress: bool) -> dict[str, Any]:
+    import shutil
+
+    from onemodel.config import from_dict
+    from tokenizers_mm.vq import VQTokenizerConfig
+    from training.tokenizer_training import train_text_tokenizer, train_vq_tokenizer
+
+    bundle = paths["tokenizers"]
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    info: dict[str, Any] = {}
+    for modality, data in tok_configs.items():
+        config = from_dict(VQTokenizerConfig, data.get("model", {}))
+        train_opts = dict(data.get("train", {}))
+        result = train_vq_tokenizer(config, paths["data"], paths["data"], bundle / modality, seed=settings.seed,
+                                    progress=progress, **train_opts)
+        info[modality] = {k: v for k, v in result.items() if k != "tokenizer"}
+    train_text_tokenizer(paths["data"], bundle / "text", vocab_size=settings.text_vocab_size)
+    return info
+
+
+def _stage_tokenize(paths: dict[str, Path], progress: bool) -> dict[str, Any]:
+    from training.pretokenize import pretokenize
+
+    result = pretokenize(paths["data"], paths["tokenizers"], paths["tokens"], progress=progress, overwrite=True)
+    return {k: result[k] for k in ("splits", "num_samples", "seconds") if k in result}
+
+
+def _stage_train(settings: DemoSettings, paths: dict[str, Path]) -> dict[str, Any]:
+    from training.config import load_train_config
+    from training.train import train
+
+    overrides = [
+        f"tokenizers={paths['tokenizers']}",
+        f"data.sources=[{{path: '{paths['tokens']}'}}]",
+        f"checkpoint.out_dir={paths['run']}",
+        f"seed={settings.seed}",
+        *settings.train_overrides,
+    ]
+    config = load_train_config(settings.train_config, overrides)
+    # resume=True continues an interrupted run from its last complete checkpoint (fresh start when none)
+    summary = train(config, resume=True)
+    return {k: summary.get(k) for k in ("start_step", "final_step", "steps", "tokens", "wall_time_s", "tokens_per_s",
+                                        "train_loss", "val")}
+
+
+def _stage_eval(settings: DemoSettings, paths: dict[str, Path], progress: bool) -> dict[str, Any]:
+    from onemodel.pipeline import OneModelPipeline
+    from training.evaluation.evaluate import evaluate
+    from training.evaluation.report import metrics_markdown_table, write_report
+
+    pipeline = OneModelPipeline.from_pretrained(paths["run"])
+    evaluation = evaluate(pipeline, paths["data"], limit=settings.eval_limit, batch_size=settings.eval_batch_size,
+                          progress=progress)
+    out = paths["eval"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(evaluation.results, indent=2, default=float) + "\n")
+    (out / "metrics.md").write_text(metrics_markdown_table(evaluation.results) + "\n")
+    log = paths["run"] / "metrics.jsonl"
+    report = write_report(paths["report"], evaluation.results, evaluation.examples, log if log.is_file() else None,
+                          title="onemodel demo: one model, every task (synthetic shapes)")
+    return {"tasks": sorted(evaluation.results), "report": str(report)}
+
+
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo_quick with --quick)")
+    parser.add_argument("--quick", action="store_true", help="toy-size smoke run of every stage (about a minute)")
+    parser.add_argument("--force", action="store_true", help="re-run every stage instead of reusing finished ones")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    preset = "quick" if args.quick else "full"
+    out = Path(args.out or ("runs/demo_quick" if args.quick else "runs/demo"))
+    start = time.perf_counter()
+    summary = run_demo(out, preset=preset, force=args.force, progress=not args.no_progress)
+    total = time.perf_counter() - start
+    print("\nstage        seconds")
+    for stage, seconds in summary["stages"].items():
+        print(f"{stage:<12} {seconds:>7.1f}" + ("  (cached)" if seconds == 0.0 else ""))
+    print(f"{'total':<12} {total:>7.1f}")
+    metrics_md = out / "eval" / "metrics.md"
+    if metrics_md.is_file():
+        print("\n" + metrics_md.read_text())
+    print(f"report: {summary['report']}")
+    return 0
