@@ -77,10 +77,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, is_caus
 
 def _eager(q, k, v, mask, dropout_p):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, Nq, Nk); scaling q is cheaper than scaling scores
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # softmax in fp32 for bf16 inputs
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, H, Nq, Dh)

@@ -1,0 +1,287 @@
+"""Train-step throughput of OneModel (per attention backend, fp32 / bf16) next to a 4M-style baseline.
+
+    python scripts/bench_model.py                      # reference config, CPU, 2 threads
+    python scripts/bench_model.py --device cuda --batch 64 --steps 20
+
+For each variant it times full training steps (forward + backward + AdamW step) on one fixed batch, all
+variants built in one process and stepped round-robin (so load from other processes on a shared machine hits
+them alike), and reports ms/step, tokens/s (input + target tokens), model FLOPs per token (``OneModel.flops_per_token``),
+model FLOPs utilisation against a matmul peak measured in the same run (fp32 and bf16 square matmuls), and
+peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of the peak resident set (VmHWM, reset
+before the steps) over the resident set before them (measured after a warm-up step, so it counts activations and gradients, not the weights or
+the optimizer state); each variant in its own subprocess). ``fourm`` rows are ``scripts/fourm_baseline.py``, a
+re-creation of the reference 4M implementation's hot path (the reference itself cannot be installed here).
+
+Reference config: width 256, 4 + 4 layers, 4 heads, rgb 16x16 grid (V 1024) + caption (64 tokens, V 1000),
+batch 16, 128 input and 128 target tokens per sample (half the samples have the caption as target, half as
+input), fp32 and bf16 autocast, 2 threads. Prints a table and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from onemodel.batch import MaskedSample, collate  # noqa: E402
+from onemodel.modalities import Modality  # noqa: E402
+from onemodel.model import OneModel, OneModelConfig  # noqa: E402
+
+
+def modalities(args) -> tuple[Modality, ...]:
+    return (
+        Modality("rgb", "grid", args.grid_vocab, "rgb", grid_size=args.grid_size),
+        Modality("caption", "sequence", args.text_vocab, "text", max_length=args.caption_length),
+    )
+
+
+def make_spec(args, seed: int = 0) -> list[dict]:
+    """Per sample: full token ids per modality, input positions and target positions per modality.
+
+    Even samples: caption (length L in [L/4, max]) is a target + (n_tgt - L) rgb targets, n_in rgb inputs.
+    Odd samples: caption is an input + (n_in - L) rgb inputs, n_tgt rgb targets. Exactly n_in / n_tgt each.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_grid, L_max = args.grid_size**2, args.caption_length
+    if args.inputs + args.targets - max(1, L_max // 4) > n_grid or min(args.inputs, args.targets) < L_max:
+        raise ValueError("--inputs/--targets do not fit the grid + caption token counts")
+    spec = []
+    for b in range(args.batch):
+        L = int(torch.randint(max(1, L_max // 4), L_max + 1, (1,), generator=g))
+        rgb = torch.randint(0, args.grid_vocab, (n_grid,), generator=g)
+        cap = torch.randint(0, args.text_vocab, (L,), generator=g)
+        perm = torch.randperm(n_grid, generator=g)
+        cap_pos = torch.arange(L)
+        if b % 2 == 0:
+            n_in, n_tgt = args.inputs, args.targets - L
+            inputs = [perm[:n_in].sort().values, cap_pos[:0]]
+            targets = [perm[n_in : n_in + n_tgt].sort().values, cap_pos]
+        else:
+            n_in, n_tgt = args.inputs - L, args.targets
+            inputs = [perm[:n_in].sort().values, cap_pos]
+            targets = [perm[n_in : n_in + n_tgt].sort().values, cap_pos[:0]]
+        spec.append({"ids": [rgb, cap], "inputs": inputs, "targets": targets})
+    return spec
+
+
+def onemodel_batch(spec):
+    samples = []
+    for s in spec:
+        parts = {}
+        for side in ("inputs", "targets"):
+            ids = torch.cat([s["ids"][m][p] for m, p in enumerate(s[side])])
+            mod = torch.cat([torch.full_like(p, m) for m, p in enumerate(s[side])])
+            pos = torch.cat(list(s[side]))
+            parts[side] = (ids, mod, pos)
+        samples.append(MaskedSample(*parts["inputs"], *parts["targets"]))
+    return collate(samples)
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int, reps: int = 3) -> float:
+    """Best FLOP/s of an (n x n) @ (n x n) matmul in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _status_kb(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in kB (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). ru_maxrss cannot be used: it is inherited across fork."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def build_variant(args, impl: str, backend: str, dtype: str):
+    """Model + fixed batch + AdamW for one variant -> (step function returning the loss, info dict)."""
+    torch.manual_seed(0)
+    device = args.device
+    mods = modalities(args)
+    spec = make_spec(args)
+    cfg = OneModelConfig(modalities=mods, dim=args.dim, encoder_depth=args.depth, decoder_depth=args.depth,
+                         num_heads=args.heads, attention=backend if impl == "onemodel" else "sdpa")
+    flops_model = OneModel(cfg)
+    flops_per_token = flops_model.flops_per_token(args.inputs, args.targets,
+                                                  vocab=(args.grid_vocab + args.text_vocab) / 2)
+    if impl == "onemodel":
+        model = flops_model.to(device).train()
+        batch = onemodel_batch(spec).to(device)
+        forward = lambda: model(batch).loss  # noqa: E731
+    else:
+        from fourm_baseline import FourMBaseline, make_mod_dict
+
+        del flops_model
+        model = FourMBaseline(mods, args.dim, args.depth, args.depth, args.heads).to(device).train()
+        mod_dict = {m: {k: v.to(device) for k, v in d.items()} for m, d in make_mod_dict(spec, mods).items()}
+        forward = lambda: model(mod_dict, args.inputs, args.targets)[0]  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def step():
+        with autocast:
+            loss = forward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    info = {"impl": impl, "backend": backend if impl == "onemodel" else "eager (4M-style)", "dtype": dtype,
+            "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters())}
+    return step, info
+
+
+def measure_memory(args, impl: str, backend: str, dtype: str) -> float:
+    """Peak memory (MB) of training steps: CUDA max allocated, or CPU peak-RSS growth during the steps."""
+    step, _ = build_variant(args, impl, backend, dtype)
+    step()
+    _sync(args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    for _ in range(2):
+        step()
+    _sync(args.device)
+    if args.device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return max(0, _status_kb("VmHWM") - rss0) / 1024
+
+
+def time_variants(args, names) -> list[dict]:
+    """Build every variant, warm up, then time steps round-robin (A B C A B C ...) so that load changes on a
+    shared machine hit all variants alike; report the median step time."""
+    built = [build_variant(args, *name) for name in names]
+    for step, _ in built:
+        for _ in range(args.warmup):
+            step()
+    times = [[] for _ in built]
+    for _ in range(args.steps):
+        for i, (step, _) in enumerate(built):
+            _sync(args.device)
+            t = time.perf_counter()
+            loss = step()
+            _sync(args.device)
+            times[i].append(time.perf_counter() - t)
+            built[i][1]["loss"] = float(loss)
+    rows = []
+    tokens = args.batch * (args.inputs + args.targets)
+    for (_, info), ts in zip(built, times):
+        ms = statistics.median(ts) * 1000
+        rows.append({**info, "ms_per_step": ms, "ms_min": min(ts) * 1000, "tokens_per_s": tokens / (ms / 1000)})
+    return rows
+
+
+def variants(args) -> list[tuple[str, str, str]]:
+    from onemodel.attention import available_backends
+
+    backends = [b for b in args.backends.split(",") if b in available_backends(args.device)]
+    out = []
+    for dtype in args.dtypes.split(","):
+        if not args.no_baseline:
+            out.append(("fourm", "eager", dtype))
+        out += [("onemodel", b, dtype) for b in backends]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4, help="encoder depth = decoder depth")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--grid-size", type=int, default=16)
+    p.add_argument("--grid-vocab", type=int, default=1024)
+    p.add_argument("--text-vocab", type=int, default=1000)
+    p.add_argument("--caption-length", type=int, default=64)
+    p.add_argument("--inputs", type=int, default=128, help="input tokens per sample")
+    p.add_argument("--targets", type=int, default=128, help="target tokens per sample")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backends", default="sdpa,eager,xformers")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--no-baseline", action="store_true", help="skip the 4M-style baseline rows")
+    p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak matmul measurement")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement subprocesses")
+    p.add_argument("--json", default="runs/bench_model.json", help="where to write the results")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.worker:  # child process: memory of one variant, printed as the last stdout line
+        print(json.dumps(measure_memory(args, *args.worker.split(":"))))
+        return 0
+
+    peaks = {"fp32": matmul_peak(torch.float32, args.device, args.peak_size),
+             "bf16": matmul_peak(torch.bfloat16, args.device, args.peak_size)}
+    names = variants(args)
+    rows = time_variants(args, names)
+    for name, row in zip(names, rows):
+        row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peaks[row["dtype"]]
+        row["peak_mem_mb"] = None
+        if not args.no_memory:
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", ":".join(name)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(f"memory run {name} failed:\n{res.stderr[-3000:]}")
+            row["peak_mem_mb"] = json.loads(res.stdout.strip().splitlines()[-1])
+
+    base = {r["dtype"]: r for r in rows if r["impl"] == "fourm"}
+    for r in rows:
+        r["speedup_vs_fourm"] = base[r["dtype"]]["ms_per_step"] / r["ms_per_step"] if r["dtype"] in base else None
+
+    print(f"\ndevice {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+          f"{args.threads} threads; batch {args.batch}, {args.inputs} input + {args.targets} target tokens/sample, "
+          f"width {args.dim}, {args.depth}+{args.depth} layers, {args.heads} heads")
+    print(f"matmul peak ({args.peak_size}^2): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    head = f"| {'impl':8s} | {'attention':17s} | dtype | ms/step | tokens/s | GFLOP/token | MFU | peak mem MB | vs 4M-style |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        sp = f"{r['speedup_vs_fourm']:.2f}x" if r["speedup_vs_fourm"] else "-"
+        mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        print(f"| {r['impl']:8s} | {r['backend']:17s} | {r['dtype']:5s} | {r['ms_per_step']:7.0f} | {r['tokens_per_s']:8.0f} | "
+              f"{r['flops_per_token'] / 1e9:11.4f} | {r['mfu'] * 100:2.0f}% | {mem:>11s} | {sp:>11s} |")
+    out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
+           "peak_flops": peaks, "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
