@@ -185,21 +185,21 @@ def to_semseg_array(x: Any, num_classes: int | None, what: str = "semseg") -> np
 def resize_rgb(arr: np.ndarray, size: int) -> np.ndarray:
     if arr.shape[0] == size and arr.shape[1] == size:
         return arr
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC, reducing_gap=None))
+    return np.array(Image.fromarray(arr).resize((size, size), Image.BICUBIC, reducing_gap=None))
 
 
 def resize_depth(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     if arr.shape == (height, width):
         return arr.astype(np.float32)
-    out = Image.fromarray(arr.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
+    out = Image.fromarray(arr.astype(np.float32)).resize((width, height), Image.BILINEAR)  # mode F
     return np.asarray(out, dtype=np.float32).copy()
 
 
 def resize_semseg(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     if arr.shape == (height, width):
         return arr
-    out = Image.fromarray(arr.astype(np.int32), mode="I").resize((width, height), Image.NEAREST)
-    return np.asarray(out).astype(arr.dtype)
+    out = Image.fromarray(arr.astype(np.int32)).resize((width, height), Image.NEAREST)  # mode I
+    return np.array(out).astype(arr.dtype)
 
 
 # ------------------------------------------------------------------------------------------- visualisation
@@ -225,7 +225,7 @@ def palette_image(classes: np.ndarray) -> Image.Image:
     rng = np.random.default_rng(0)
     palette = rng.integers(40, 256, size=(256, 3), dtype=np.uint8)
     palette[0] = 0
-    img = Image.fromarray((classes % 256).astype(np.uint8), mode="P")
+    img = Image.fromarray((classes.astype(np.int64) % 256).astype(np.uint8))  # mode L; putpalette makes it P
     img.putpalette(palette.flatten().tolist())
     return img
 
