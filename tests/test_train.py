@@ -123,6 +123,18 @@ def test_resume_is_exact(tiny, tmp_path):
     assert state["step"] == 12 and state["data"]["next_sample_index"] == 12 * 8
 
 
+def test_mixture_with_raw_source_tokenized_in_workers(tiny, tmp_path):
+    """Two sources: token shards training rgb+caption, raw shards (tokenized on the fly in a worker process)
+    training rgb+depth; only those modalities get losses."""
+    sources = (f"data.sources=[{{path: {tiny / 'tokens'}, modalities: [rgb, caption], weight: 2}}, "
+               f"{{path: {tiny / 'data'}, modalities: [rgb, depth], tokenize_on_the_fly: true}}]")
+    out = tmp_path / "mix"
+    summary = train(tiny_config(tiny, out, sources, "data.num_workers=1", "optim.max_steps=4", "logging.log_every=4"))
+    assert summary["final_step"] == 4
+    losses = {k.split("/")[-1] for r in read_metrics(out / "metrics.jsonl") for k in r if "/loss/" in k}
+    assert losses == {"rgb", "caption", "depth"}
+
+
 def test_fresh_run_refuses_existing_checkpoints(tiny, tmp_path):
     train(tiny_config(tiny, tmp_path / "a", "optim.max_steps=2"))
     with pytest.raises(ValueError, match="--resume"):

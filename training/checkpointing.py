@@ -80,7 +80,8 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state: dict[str, Any],
+                    keep_last: int) -> Path:
     """Save the accelerate state + ``trainer_state`` as ``checkpoint_dir/step_N`` atomically; prune old ones.
 
     Every process must call this (accelerate writes per-process RNG states). The directory is first written as

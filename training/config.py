@@ -268,8 +268,8 @@ def validate_train_config(config: TrainConfig, num_processes: int = 1,
                                     f"hold a '{source.split}/' sub-directory of shards")
         kind = source_kind(path)
         if kind == "raw" and not source.tokenize_on_the_fly:
-            raise ValueError(f"{key}: {source.path!r} holds raw shards (no token-shard meta.json); pre-tokenize it with "
-                             "'onemodel tokenize' or set tokenize_on_the_fly: true")
+            raise ValueError(f"{key}: {source.path!r} holds raw shards (no token-shard meta.json); pre-tokenize it "
+                             "with 'onemodel tokenize' or set tokenize_on_the_fly: true")
         for name in source.modalities or []:
             if name not in provided:
                 raise ValueError(f"{key}.modalities: {name!r} is not provided by the tokenizer bundle "
@@ -311,4 +311,6 @@ def _masking_modality_names(masking: MaskingConfig) -> dict[str, list[str]]:
         value = getattr(masking, key)
         if value:
             out[key] = [str(v) for v in value]
+    for i, task in enumerate(getattr(masking, "tasks", [])):
+        out[f"tasks[{i}]"] = [*task.inputs, *task.targets]
     return out

@@ -211,14 +211,15 @@ class MaskedStream(IterableDataset):
     """Yields this process's masked samples, micro-batch after micro-batch, from ``start_step`` on.
 
     sources: the mixture; modalities: the model's modality list (index = modality id in the batch);
-    text_ids: special ids of the text tokenizer (eos, sentinels, pad) for sequence masking; micro_batch_size: samples per micro-batch; num_processes / rank: data-parallel layout; grad_accum_steps:
-    micro-batches per process per optimizer step; start_step / end_step: optimizer steps to cover
-    (end_step None = forever).
+    text_ids: special ids of the text tokenizer (eos, sentinels, pad) for sequence masking;
+    micro_batch_size: samples per micro-batch; num_processes / rank: data-parallel layout;
+    grad_accum_steps: micro-batches per process per optimizer step; start_step / end_step: optimizer steps to
+    cover (end_step None = forever); stream: TRAIN_STREAM or VAL_STREAM (independent randomness).
     """
 
     def __init__(self, sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
-                 text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_processes: int = 1, rank: int = 0,
-                 grad_accum_steps: int = 1, start_step: int = 0, end_step: int | None = None,
+                 text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_processes: int = 1,
+                 rank: int = 0, grad_accum_steps: int = 1, start_step: int = 0, end_step: int | None = None,
                  stream: int = TRAIN_STREAM) -> None:
         super().__init__()
         if not sources:
@@ -245,13 +246,10 @@ class MaskedStream(IterableDataset):
         source_id = int(np.searchsorted(self.cum_weights, rng.random(), side="right"))
         source = self.sources[min(source_id, len(self.sources) - 1)]
         item = int(rng.integers(len(source.samples)))
-        tokens = dict(source.samples.get(item))
-        if source.modalities is not None:
+        tokens = select_qa(source.samples.get(item), rng)  # qa pairs -> one question / answer
+        if source.modalities is not None:  # e.g. question kept but not answer
             keep = set(source.modalities)
-            tokens = {k: v for k, v in tokens.items() if k in keep or (k == QA_KEY and keep & set(QA_MODALITIES))}
-        tokens = select_qa(tokens, rng)
-        if source.modalities is not None:
-            tokens = {k: v for k, v in tokens.items() if k in set(source.modalities)}
+            tokens = {k: v for k, v in tokens.items() if k in keep}
         return mask_sample(tokens, self.modalities, self.masking, rng, text_ids=self.text_ids)
 
     def micro_batch_indices(self, step: int, accum: int) -> range:
@@ -263,8 +261,6 @@ class MaskedStream(IterableDataset):
     def __iter__(self) -> Iterator[MaskedSample]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
-            torch.set_num_threads(1)  # workers share the cores with the training process
         local = 0  # this process's micro-batch counter since start_step
         step = self.start_step
         while self.end_step is None or step < self.end_step:
@@ -277,12 +273,12 @@ class MaskedStream(IterableDataset):
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # workers share the cores with the training process
 
 
 def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
-                       text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_processes: int, rank: int, grad_accum_steps: int,
-                       start_step: int, end_step: int | None, num_workers: int,
+                       text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_processes: int,
+                       rank: int, grad_accum_steps: int, start_step: int, end_step: int | None, num_workers: int,
                        pad_to_multiple_of: int | None = None, pin_memory: bool = False) -> DataLoader:
     """DataLoader yielding this process's :class:`MultimodalBatch` micro-batches from ``start_step`` on
     (``grad_accum_steps`` per optimizer step), masked in ``num_workers`` worker processes."""
@@ -304,7 +300,8 @@ def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Mo
 
 
 def build_val_batches(sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
-                      text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_batches: int, num_processes: int = 1, rank: int = 0,
+                      text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_batches: int,
+                      num_processes: int = 1, rank: int = 0,
                       pad_to_multiple_of: int | None = None) -> list[MultimodalBatch]:
     """The fixed validation micro-batches of this process (``num_batches`` per process, disjoint over ranks):
     the same every evaluation, so validation losses are comparable across steps and runs."""

@@ -183,7 +183,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
 
     # ---- config: fail fast, before any model or data is built
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"train() needs a TrainConfig (see training.config.load_train_config), got {type(config).__name__}")
+        raise TypeError("train() needs a TrainConfig (see training.config.load_train_config), "
+                        f"got {type(config).__name__}")
     # CPU when there is no GPU (or ACCELERATE_USE_CPU=1): several CPU processes then talk over gloo
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     num_processes = PartialState(cpu=use_cpu).num_processes
@@ -213,7 +214,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
-    model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in ("gradient_checkpointing", "max_lengths")}
+    training_only = ("gradient_checkpointing", "max_lengths")  # ModelSection fields that OneModelConfig lacks
+    model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in training_only}
     model_config = OneModelConfig(modalities=modalities, **model_kwargs)
 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
@@ -260,8 +262,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
 
     end_step = optim.max_steps if stop_at_step is None else max(start_step, min(stop_at_step, optim.max_steps))
     loader = build_train_loader(
-        sources, modalities, config.masking, text_ids, data_cfg.seed, micro, num_processes, accelerator.process_index, accum,
-        start_step, end_step, data_cfg.num_workers, pad_to_multiple_of=pad,
+        sources, modalities, config.masking, text_ids, data_cfg.seed, micro, num_processes,
+        accelerator.process_index, accum, start_step, end_step, data_cfg.num_workers, pad_to_multiple_of=pad,
         pin_memory=accelerator.device.type == "cuda",
     )
     val_batches = build_val_batches(val_sources, modalities, config.masking, text_ids, data_cfg.seed, micro,
@@ -278,8 +280,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
             "step": step,
             "tokens_seen": tokens_seen + global_tokens(),
             "samples_seen": step * optim.batch_size,
-            "data": {"seed": data_cfg.seed, "batch_size": optim.batch_size, "next_sample_index": step * optim.batch_size,
-                     "micro_batch_size": micro, "num_processes": num_processes, "grad_accum_steps": accum},
+            "data": {"seed": data_cfg.seed, "batch_size": optim.batch_size,
+                     "next_sample_index": step * optim.batch_size, "micro_batch_size": micro,
+                     "num_processes": num_processes, "grad_accum_steps": accum},
         }
         save_checkpoint(accelerator, ckpt_dir, trainer_state, ckpt_cfg.keep_last)
         _save_model_dir(accelerator, model, model_config, config, out_dir, step)
@@ -387,7 +390,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     """One human line: steps, tokens, wall time, tokens/s, losses."""
     val = summary["val"].get("val/loss")
     return (f"trained steps {summary['start_step']}->{summary['final_step']} ({summary['steps']} this run), "
-            f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.1f} s = {summary['tokens_per_s']:,.0f} tokens/s; "
+            f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.1f} s = "
+            f"{summary['tokens_per_s']:,.0f} tokens/s; "
             f"train loss {summary['train_loss']:.4f}" + (f", val loss {val:.4f}" if val is not None else "")
             + f"; model: {summary['model_dir']}")
 
