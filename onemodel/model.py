@@ -445,8 +445,7 @@ class OneModel(nn.Module):
     def encode(self, enc_ids, enc_mod, enc_pos, enc_mask) -> EncoderOutput:
         """Encode the input tokens: (B, Ni) tensors -> ``EncoderOutput(states (B, Ni, D), mask (B, Ni))``."""
         x = self.embed_inputs(enc_ids, enc_mod, enc_pos, enc_mask)
-        # Key-padding mask (B, 1, 1, Ni), broadcast over heads and queries; none at all when nothing is padded.
-        attn_mask = None if bool(enc_mask.all()) else enc_mask[:, None, None, :]
+        attn_mask = self._key_padding_mask(enc_mask, num_queries=enc_mask.shape[1])
         for block in self.encoder:
             x = self._run(block, x, attn_mask)
         return EncoderOutput(states=self.encoder_norm(x), mask=enc_mask)
@@ -463,6 +462,11 @@ class OneModel(nn.Module):
         x = torch.where(is_seq[..., None], seq_in, self.mask_token)
         x = x + self.dec_mod_emb(mod) + self.pos_table[pos + self.pos_offset[mod]]
         return x * mask[..., None]
+
+    def _key_padding_mask(self, mask: torch.Tensor, num_queries: int) -> torch.Tensor | None:
+        """(B, N) presence -> (B, 1, 1, N) key mask broadcast over heads and all ``num_queries`` queries (not a
+        dense Nq x N tensor); None when nothing is padded, so SDPA runs unmasked."""
+        return None if bool(mask.all()) else mask[:, None, None, :]
 
     def _self_attention_plan(self, mod, pos, mask) -> tuple[torch.Tensor | None, bool]:
         """Cheapest exact decoder self-attention mask for a cache-free call: (mask or None, is_causal)."""
@@ -498,7 +502,7 @@ class OneModel(nn.Module):
         x = self.embed_targets(dec_input_ids, dec_mod, dec_pos, dec_mask)
         mod, pos = dec_mod.masked_fill(~dec_mask, 0), dec_pos.masked_fill(~dec_mask, 0)
         enc_mask = enc_out.mask
-        cross_mask = None if bool(enc_mask.all()) else enc_mask[:, None, None, :]  # (B, 1, 1, Ni)
+        cross_mask = self._key_padding_mask(enc_mask, num_queries=dec_mask.shape[1])
         if cache is None:
             self_mask, is_causal = self._self_attention_plan(mod, pos, dec_mask)
             cross_kv = [None] * len(self.decoder)

@@ -39,6 +39,19 @@ from onemodel.modalities import Modality  # noqa: E402
 from onemodel.model import OneModel, OneModelConfig  # noqa: E402
 
 
+class DenseMaskOneModel(OneModel):
+    """Ablation: OneModel without its structured masks: every attention gets a dense (B, 1, Nq, Nk) bool mask
+    (encoder and cross-attention padding expanded over queries, decoder rule always materialised)."""
+
+    def _key_padding_mask(self, mask, num_queries):
+        return mask[:, None, None, :].expand(-1, 1, num_queries, -1).contiguous()
+
+    def _self_attention_plan(self, mod, pos, mask):
+        from onemodel.model import decoder_self_mask
+
+        return decoder_self_mask(mod, pos, mod, pos, mask, self.mod_is_grid), False
+
+
 def modalities(args) -> tuple[Modality, ...]:
     return (
         Modality("rgb", "grid", args.grid_vocab, "rgb", grid_size=args.grid_size),
@@ -133,8 +146,9 @@ def build_variant(args, impl: str, backend: str, dtype: str):
     flops_model = OneModel(cfg)
     flops_per_token = flops_model.flops_per_token(args.inputs, args.targets,
                                                   vocab=(args.grid_vocab + args.text_vocab) / 2)
-    if impl == "onemodel":
-        model = flops_model.to(device).train()
+    if impl in ("onemodel", "onemodel-dense"):
+        model = flops_model if impl == "onemodel" else DenseMaskOneModel(cfg)
+        model = model.to(device).train()
         batch = onemodel_batch(spec).to(device)
         forward = lambda: model(batch).loss  # noqa: E731
     else:
@@ -155,7 +169,8 @@ def build_variant(args, impl: str, backend: str, dtype: str):
         opt.step()
         return loss.detach()
 
-    info = {"impl": impl, "backend": backend if impl == "onemodel" else "eager (4M-style)", "dtype": dtype,
+    label = {"onemodel": backend, "onemodel-dense": backend + " + dense masks", "fourm": "eager (4M-style)"}[impl]
+    info = {"impl": impl.split("-")[0], "backend": label, "dtype": dtype,
             "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters())}
     return step, info
 
@@ -211,6 +226,8 @@ def variants(args) -> list[tuple[str, str, str]]:
         if not args.no_baseline:
             out.append(("fourm", "eager", dtype))
         out += [("onemodel", b, dtype) for b in backends]
+        if args.ablations and "sdpa" in backends:
+            out.append(("onemodel-dense", "sdpa", dtype))
     return out
 
 
@@ -232,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backends", default="sdpa,eager,xformers")
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--ablations", action="store_true", help="add OneModel with dense masks (what structured masks give)")
     p.add_argument("--no-baseline", action="store_true", help="skip the 4M-style baseline rows")
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak matmul measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement subprocesses")
@@ -266,13 +284,13 @@ def main(argv=None) -> int:
           f"{args.threads} threads; batch {args.batch}, {args.inputs} input + {args.targets} target tokens/sample, "
           f"width {args.dim}, {args.depth}+{args.depth} layers, {args.heads} heads")
     print(f"matmul peak ({args.peak_size}^2): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
-    head = f"| {'impl':8s} | {'attention':17s} | dtype | ms/step | tokens/s | GFLOP/token | MFU | peak mem MB | vs 4M-style |"
+    head = f"| {'impl':8s} | {'attention':19s} | dtype | ms/step | tokens/s | GFLOP/token | MFU | peak mem MB | vs 4M-style |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         sp = f"{r['speedup_vs_fourm']:.2f}x" if r["speedup_vs_fourm"] else "-"
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        print(f"| {r['impl']:8s} | {r['backend']:17s} | {r['dtype']:5s} | {r['ms_per_step']:7.0f} | {r['tokens_per_s']:8.0f} | "
+        print(f"| {r['impl']:8s} | {r['backend']:19s} | {r['dtype']:5s} | {r['ms_per_step']:7.0f} | {r['tokens_per_s']:8.0f} | "
               f"{r['flops_per_token'] / 1e9:11.4f} | {r['mfu'] * 100:2.0f}% | {mem:>11s} | {sp:>11s} |")
     out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
            "peak_flops": peaks, "rows": rows}
