@@ -14,8 +14,8 @@ Shapes: q ``(B, H, Nq, Dh)``, k and v ``(B, H, Nk, Dh)``; ``mask`` is boolean an
 (top-left aligned, so it needs Nq == Nk); with a mask as well, both must allow a key.
 
 Rows without any allowed key (the query slot of a padding token, or a sample with no input at all) would
-give NaN (softmax over nothing) and NaN gradients. ``attention`` makes such rows attend to every key
-instead: their output is finite and meaningless, and callers never read it.
+give NaN (softmax over nothing) and NaN gradients. ``attention`` returns zeros for such rows (attention over
+an empty set), with zero gradients, on every backend.
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ def _merge_causal(mask: torch.Tensor | None, nq: int, nk: int, device: torch.dev
     return causal if mask is None else mask & causal
 
 
-def _no_empty_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Rows with no allowed key are opened to all keys (finite output and gradients; callers ignore them)."""
-    return mask | ~mask.any(dim=-1, keepdim=True)
+def _no_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Open rows with no allowed key to all keys (so kernels stay finite) -> (mask, rows to zero or None)."""
+    empty = ~mask.any(dim=-1, keepdim=True)  # (..., Nq, 1)
+    if not bool(empty.any()):
+        return mask, None
+    return mask | empty, empty
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, is_causal: bool, backend: str) -> None:
@@ -128,14 +131,17 @@ def attention(
     ``dropout_p`` is applied as given: pass 0.0 at evaluation time.
     """
     _check(q, k, v, mask, is_causal, backend)
+    empty = None
     if isinstance(mask, torch.Tensor):
         if is_causal:
             mask, is_causal = _merge_causal(mask, q.shape[2], k.shape[2], q.device), False
-        mask = _no_empty_rows(mask)
+        mask, empty = _no_empty_rows(mask)
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-    if backend == "eager":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    elif backend == "eager":
         if is_causal:
             mask = _merge_causal(None, q.shape[2], k.shape[2], q.device)
-        return _eager(q, k, v, mask, dropout_p)
-    return _xformers(q, k, v, mask, is_causal, dropout_p)
+        out = _eager(q, k, v, mask, dropout_p)
+    else:
+        out = _xformers(q, k, v, mask, is_causal, dropout_p)
+    return out if empty is None else out.masked_fill(empty, 0.0)

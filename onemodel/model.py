@@ -443,7 +443,15 @@ class OneModel(nn.Module):
         return x * mask[..., None]
 
     def encode(self, enc_ids, enc_mod, enc_pos, enc_mask) -> EncoderOutput:
-        """Encode the input tokens: (B, Ni) tensors -> ``EncoderOutput(states (B, Ni, D), mask (B, Ni))``."""
+        """Encode the input tokens: (B, Ni) tensors -> ``EncoderOutput(states (B, Ni, D), mask (B, Ni))``.
+
+        A batch without any input slot (Ni = 0, e.g. the unconditional pass of classifier-free guidance) gets
+        one padding slot; cross-attention over no real input contributes zeros.
+        """
+        self._check_batch(enc_ids, enc_mod, enc_pos, enc_mask, "encoder")
+        if enc_ids.shape[1] == 0:
+            enc_ids, enc_mod, enc_pos = (t.new_zeros(t.shape[0], 1) for t in (enc_ids, enc_mod, enc_pos))
+            enc_mask = enc_mask.new_zeros(enc_mask.shape[0], 1)
         x = self.embed_inputs(enc_ids, enc_mod, enc_pos, enc_mask)
         attn_mask = self._key_padding_mask(enc_mask, num_queries=enc_mask.shape[1])
         for block in self.encoder:
@@ -551,7 +559,6 @@ class OneModel(nn.Module):
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, batch) -> ModelOutput:
         """Training / evaluation pass over a ``MultimodalBatch`` (any object with its eight tensor fields)."""
-        self._check_batch(batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask, "encoder")
         self._check_batch(batch.dec_ids, batch.dec_mod, batch.dec_pos, batch.dec_mask, "targets")
         enc_out = self.encode(batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask)
         dec_input = self.shift_targets(batch.dec_ids, batch.dec_pos)

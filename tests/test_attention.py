@@ -75,6 +75,8 @@ def test_fully_masked_rows_give_no_nan_outputs_or_gradients():
         out, gq, gk, gv = _out_and_grads(backend, q, k, v, mask=mask)
         for t in (out, gq, gk, gv):
             assert torch.isfinite(t).all(), backend
+        assert (out[0, :, 2:] == 0).all() and (out[1] == 0).all()  # attention over nothing is zero
+        assert (gq[1] == 0).all() and (gk[1] == 0).all() and (gv[1] == 0).all()
     # rows that had keys are unaffected by the fix-up
     _assert_backends_agree(q, k, v, mask=mask)
 

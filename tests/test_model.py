@@ -186,6 +186,18 @@ def test_no_nan_with_empty_inputs_and_padding():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_batch_without_any_input_slot_decodes():
+    """Unconditional pass (Ni = 0): cross-attention contributes zeros, logits are finite."""
+    model = tiny()
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    b = MultimodalBatch(empty, empty, empty, empty.bool(), T([[3, 4, 5]]), T([[RGB, RGB, RGB]]), T([[0, 1, 2]]),
+                        torch.ones(1, 3, dtype=torch.bool))
+    out = model(b)
+    assert torch.isfinite(out.logits["rgb"]).all()
+    enc = model.encode(b.enc_ids, b.enc_mod, b.enc_pos, b.enc_mask)
+    assert enc.mask.shape == (1, 1) and not enc.mask.any()
+
+
 @pytest.mark.parametrize("kind", ["grid", "sequence", "mixed"])
 def test_fast_attention_paths_equal_the_dense_mask(kind, monkeypatch):
     model = tiny()
