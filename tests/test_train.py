@@ -6,11 +6,15 @@ tokenizers + a trained text tokenizer -> pre-tokenized token shards (~3 s).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +32,17 @@ from training.train import lr_at, param_groups, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Root with data/ (raw shards), bundle/ (tokenizers), tokens/ (token shards)."""
+@functools.lru_cache(maxsize=None)
+def build_tiny_pipeline() -> Path:
+    """Root with data/ (raw shards), bundle/ (tokenizers), tokens/ (token shards); built once per test session
+    (shared with tests/test_train_loader.py), removed at exit."""
     from tokenizers_mm.vq import VQTokenizer, VQTokenizerConfig
     from training.data.shapes import make_shapes_dataset
     from training.pretokenize import pretokenize
     from training.tokenizer_training import train_text_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny")
+    root = Path(tempfile.mkdtemp(prefix="onemodel_tiny_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     meta = make_shapes_dataset(root / "data", num_train=64, num_val=16, num_test=0, resolution=16,
                                samples_per_shard=32, progress=False)
     for i, mod in enumerate(("rgb", "depth", "semseg")):
@@ -48,6 +54,11 @@ def tiny(tmp_path_factory):
     train_text_tokenizer(root / "data", root / "bundle" / "text", vocab_size=256, num_sentinels=8, num_loc_bins=16)
     pretokenize(root / "data", root / "bundle", root / "tokens", progress=False)
     return root
+
+
+@pytest.fixture
+def tiny() -> Path:
+    return build_tiny_pipeline()
 
 
 def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:

@@ -12,11 +12,12 @@ from onemodel.masking import MaskingConfig, TextSpecialIds
 from onemodel.modalities import Modality
 from training.loader import MaskedStream, build_train_loader, build_val_batches, load_source
 
-from test_train import tiny  # noqa: F401  (module fixture: the tiny shapes pipeline)
+from test_train import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def parts(tiny):  # noqa: F811
+def parts():
+    tiny = build_tiny_pipeline()  # the tiny shapes pipeline, shared with tests/test_train.py
     from tokenizers_mm.bundle import TokenizerBundle
     from training.train import model_modalities
     from training.config import load_train_config
