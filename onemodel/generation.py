@@ -66,9 +66,9 @@ class GenerationOutput:
         generated ids up to and including eos, or ``max_length`` ids when eos never came).
     probs: target name -> per sample a 1-D float tensor, same length: the model's probability (softmax of the
         guided logits at temperature 1, before top-k/top-p) of each chosen token.
-    logits: only with ``output_logits=True``: target name -> (B, N, V) float tensor of the guided logits each
-        token was sampled from (grid: at the step its position was decoded; sequence: per generated slot,
-        rows after a sample's eos are whatever the model predicted there).
+    logits: only with ``output_logits=True``: target name -> float tensor of the guided logits (after suppression)
+        each token was sampled from. Grid: (B, N, V), row n = the logits of position n at the step it was decoded.
+        Sequence: (B, T, V), T = decoding steps run (the longest sample); rows after a sample's eos are unused.
     """
 
     tokens: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -187,15 +187,39 @@ def _suppress(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor
     return logits.index_fill(-1, banned.to(logits.device), float("-inf"))
 
 
-def _encode(model, cond_rows, partial, opts: SamplingOptions, batch_size: int, device):
-    """Encoder output for the conditional batch, plus the unconditional one stacked behind it (2B) when guided."""
-    enc = encoder_batch(model, cond_rows, partial, batch_size, device)
-    if opts.uses_guidance:
-        uncond = encoder_batch(model, {}, partial, batch_size, device)
-        width = max(enc[0].shape[1], uncond[0].shape[1])
+def _append_partial(enc: tuple, m_idx: int, ids: torch.Tensor, known: torch.Tensor) -> tuple:
+    """Append the decoded-so-far tokens of a grid target (ids, known: (B, N)) to encoder tensors (B, Ni).
+
+    Every sample has the same number k of known positions (one schedule for the batch), so this is a (B, k)
+    block without padding: no per-sample Python work in the decoding loop.
+    """
+    batch = ids.shape[0]
+    k = int(known[0].sum())
+    if k == 0:
+        return enc
+    pos = known.nonzero()[:, 1].view(batch, k)  # (B, k) ascending positions
+    block = (ids.gather(1, pos), torch.full_like(pos, m_idx), pos, torch.ones_like(pos, dtype=torch.bool))
+    return tuple(torch.cat([a, b], dim=1) for a, b in zip(enc, block))
+
+
+def _encode(model, cond: tuple, uncond: tuple | None, partial: tuple | None = None):
+    """Encoder output of the conditional batch, with the unconditional batch (every input dropped) stacked
+    behind it (2B rows) when ``uncond`` is given. partial: ``(m_idx, ids, known)`` of a grid target, appended to both."""
+    if partial is not None:
+        cond = _append_partial(cond, *partial)
+        uncond = _append_partial(uncond, *partial) if uncond is not None else None
+    if uncond is not None:
+        width = max(cond[0].shape[1], uncond[0].shape[1])
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        enc = tuple(torch.cat([pad(a), pad(b)]) for a, b in zip(enc, uncond))
-    return model.encode(*enc)
+        cond = tuple(torch.cat([pad(a), pad(b)]) for a, b in zip(cond, uncond))
+    return model.encode(*cond)
+
+
+def _conditions(model, cond_rows, opts: SamplingOptions, batch_size: int, device) -> tuple[tuple, tuple | None]:
+    """Padded encoder tensors of the inputs, and of the input-dropped batch when guidance is on."""
+    cond = encoder_batch(model, cond_rows, None, batch_size, device)
+    uncond = encoder_batch(model, {}, None, batch_size, device) if opts.uses_guidance else None
+    return cond, uncond
 
 
 def _mix(logits: torch.Tensor, opts: SamplingOptions, batch_size: int) -> torch.Tensor:
@@ -218,6 +242,7 @@ def _decode_grid(model, name, cond_rows, opts, schedule, batch_size, generators,
     order = None
     if isinstance(schedule, RandomOrderSchedule):
         order = random_permutations(n, generators, device)  # (B, N)
+    cond, uncond = _conditions(model, cond_rows, opts, batch_size, device)  # built once, reused every step
     start = 0
     steps = range(len(counts))
     if progress:
@@ -231,7 +256,7 @@ def _decode_grid(model, name, cond_rows, opts, schedule, batch_size, generators,
         else:
             query_pos = (~known).nonzero()[:, 1].view(batch_size, -1)  # (B, Nq) every masked position, ascending
         start += count
-        enc_out = _encode(model, cond_rows, {name: (ids, known)}, opts, batch_size, device)
+        enc_out = _encode(model, cond, uncond, (m_idx, ids, known))  # the encoder runs once per step
         reps = enc_out.states.shape[0] // batch_size
         q_pos = query_pos.repeat(reps, 1)
         q_mod = torch.full_like(q_pos, m_idx)
@@ -269,7 +294,7 @@ def _decode_sequence(
     max_len = cfg.modalities[m_idx].max_length
     if schedule.max_length is not None:
         max_len = min(max_len, schedule.max_length)
-    enc_out = _encode(model, cond_rows, None, opts, batch_size, device)
+    enc_out = _encode(model, *_conditions(model, cond_rows, opts, batch_size, device))  # once per sequence
     rows = enc_out.states.shape[0]  # B, or 2B with guidance
     cache = model.new_cache(enc_out) if schedule.use_cache else None
     tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, L)
@@ -310,8 +335,6 @@ def _decode_sequence(
     if all_logits is not None:
         kept = torch.stack(all_logits, 1)  # (B, T, V)
     return out_ids, out_probs, kept
-
-
 
 
 # ---------------------------------------------------------------------------------------------- generate

@@ -1,0 +1,172 @@
+"""Generation speed at the reference model config (random weights: speed does not depend on training).
+
+Measures, on one device:
+- caption decoding tokens/s with and without the KV cache, batch 1 and 8, and the per-token cost at generated
+  lengths 8 / 16 / 32 / 64 (average over the sequence, and marginal: the cost of the tokens between the previous
+  length and this one, which is what "flat in the generated length" means);
+- VQA answers/s (rgb + question -> answer of up to 8 tokens, batch 8);
+- MaskGIT image generation (caption -> 16x16 rgb tokens) seconds per image for 8 and 16 steps, batch 1 and 8.
+
+Sequences are generated to their full length (no eos) so every run does the same work.
+
+    python scripts/bench_generate.py --json runs/bench_generate.json
+    python scripts/bench_generate.py --quick           # fewer repeats, batch 1 only for the slow uncached runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from onemodel.generation import AutoregressiveSchedule, MaskGITSchedule, SamplingOptions, generate
+from onemodel.modalities import default_modalities
+from onemodel.model import OneModel, OneModelConfig
+
+logger = logging.getLogger("bench_generate")
+
+
+def reference_model(device: str, dtype: torch.dtype) -> OneModel:
+    """Width 256, 4+4 layers, 4 heads; 16x16 grids with 1024 codes; captions of up to 64 tokens, text vocab 1000."""
+    mods = default_modalities(image_vocab=1024, grid_size=16, text_vocab=1000, caption_length=64)
+    torch.manual_seed(0)
+    cfg = OneModelConfig(modalities=mods, dim=256, encoder_depth=4, decoder_depth=4, num_heads=4)
+    return OneModel(cfg).to(device=device, dtype=dtype).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    """Fastest wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (the minimum is the least
+    disturbed by other processes on a shared machine)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="1 repeat; skip batch-8 uncached runs")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else args.repeats
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    model = reference_model(dev, dtype)
+    g = torch.Generator().manual_seed(0)
+    rgb = lambda b: torch.randint(0, 1024, (b, 256), generator=g)  # noqa: E731
+    text = lambda b, n: torch.cat([torch.randint(4, 1000, (b, n - 1), generator=g), torch.full((b, 1), 2)], 1)  # noqa: E731
+    results: dict = {
+        "device": torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu ({platform.processor() or 'x86'})",
+        "threads": torch.get_num_threads(), "dtype": args.dtype, "torch": torch.__version__,
+        "config": "dim 256, 4+4 layers, 4 heads, 16x16 grids vocab 1024, caption max 64 vocab 1000",
+        "caption": [], "vqa": {}, "maskgit": [],
+    }
+
+    # ---- captions: cached vs uncached, per-token cost by length
+    for batch in (1, 8):
+        inputs = {"rgb": rgb(batch)}
+        enc_only = timeit(lambda: model.encode(*_enc(model, inputs, batch, dev)), dev, repeats)
+        prev_len, prev_t = 0, {True: enc_only, False: enc_only}
+        for length in (8, 16, 32, 64):
+            row = {"batch": batch, "length": length}
+            for cache in (True, False):
+                if not cache and args.quick and batch > 1:
+                    continue
+                opts = SamplingOptions(schedule=AutoregressiveSchedule(max_length=length, use_cache=cache))
+                t = timeit(lambda: generate(model, inputs, ["caption"], opts, eos_id=None), dev, repeats)
+                key = "cached" if cache else "uncached"
+                row[f"{key}_s"] = t
+                row[f"{key}_tokens_per_s"] = batch * length / t
+                row[f"{key}_ms_per_token"] = 1000 * t / length
+                row[f"{key}_marginal_ms_per_token"] = 1000 * (t - prev_t[cache]) / (length - prev_len)
+                prev_t[cache] = t
+            row["encoder_s"] = enc_only
+            if "uncached_s" in row:
+                row["speedup"] = row["uncached_s"] / row["cached_s"]
+                row["decode_speedup"] = (row["uncached_s"] - enc_only) / max(row["cached_s"] - enc_only, 1e-9)
+            prev_len = length
+            results["caption"].append(row)
+            logger.info("caption %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+
+    # ---- VQA: rgb + question -> answer (8 tokens), batch 8
+    batch = 8
+    inputs = {"rgb": rgb(batch), "question": list(text(batch, 12))}
+    t = timeit(lambda: generate(model, inputs, ["answer"], eos_id=None), dev, repeats)
+    results["vqa"] = {"batch": batch, "answer_tokens": 8, "seconds": t, "answers_per_s": batch / t}
+    logger.info("vqa %s", results["vqa"])
+
+    # ---- MaskGIT: caption -> rgb
+    for batch in (1, 8):
+        inputs = {"caption": list(text(batch, 16))}
+        for steps in (8, 16):
+            opts = SamplingOptions(temperature=1.0, schedule=MaskGITSchedule(steps=steps))
+            t = timeit(lambda: generate(model, inputs, ["rgb"], opts, seed=0), dev, repeats)
+            row = {"batch": batch, "steps": steps, "seconds": t, "seconds_per_image": t / batch}
+            results["maskgit"].append(row)
+            logger.info("maskgit %s", row)
+
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _enc(model, inputs, batch, device):
+    from onemodel.generation import encoder_batch
+
+    return encoder_batch(model, inputs, None, batch, torch.device(device))
+
+
+def format_table(r: dict) -> str:
+    lines = [f"device: {r['device']}, threads {r['threads']}, {r['dtype']}, torch {r['torch']}; {r['config']}", "",
+             "Caption decoding (rgb -> caption, full length, no eos):", ""]
+    lines += [
+        "| batch | tokens | cached tok/s | uncached tok/s | speedup (total / decoder only) "
+        "| cached ms/token (avg / marginal) | uncached ms/token (avg / marginal) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in r["caption"]:
+        unc = (f"{row['uncached_tokens_per_s']:.0f}", f"{row['speedup']:.1f}x / {row['decode_speedup']:.1f}x",
+               f"{row['uncached_ms_per_token']:.2f} / {row['uncached_marginal_ms_per_token']:.2f}") if "uncached_s" in row else ("-", "-", "-")
+        lines.append(
+            f"| {row['batch']} | {row['length']} | {row['cached_tokens_per_s']:.0f} | {unc[0]} | {unc[1]} | "
+            f"{row['cached_ms_per_token']:.2f} / {row['cached_marginal_ms_per_token']:.2f} | {unc[2]} |"
+        )
+    lines.append(f"(encoder pass, computed once per caption batch: {1000 * r['caption'][0]['encoder_s']:.1f} ms at batch 1, "
+                 f"{1000 * r['caption'][-1]['encoder_s']:.1f} ms at batch 8; marginal = cost of the tokens added since the "
+                 "previous length)")
+    v = r["vqa"]
+    lines += ["", f"VQA (rgb + question -> 8-token answer, batch {v['batch']}): {v['answers_per_s']:.1f} answers/s", ""]
+    lines += ["| MaskGIT caption -> rgb (256 tokens): batch | steps | s/image |", "| --- | --- | --- |"]
+    for row in r["maskgit"]:
+        lines.append(f"| {row['batch']} | {row['steps']} | {row['seconds_per_image']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
