@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-def _add_common(p: argparse.ArgumentParser, text_defaults: bool) -> None:
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="trained run directory (or its model/ directory)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g = p.add_argument_group("sampling")
@@ -71,7 +71,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", action="append", default=[], metavar="MODALITY",
                    help="a modality to generate, in order (repeatable); each becomes an input of the next")
     p.add_argument("--out", required=True, help="output directory")
-    _add_common(p, text_defaults=False)
+    _add_common(p)
 
 
 def parse_input_pairs(pairs: list[str]) -> dict[str, str]:
@@ -180,7 +180,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def add_caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    _add_common(p, text_defaults=True)
+    _add_common(p)
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -202,7 +202,7 @@ def run_caption(args: argparse.Namespace) -> int:
 def add_answer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file")
     p.add_argument("--question", action="append", required=True, help="a question (repeatable)")
-    _add_common(p, text_defaults=True)
+    _add_common(p)
 
 
 def run_answer(args: argparse.Namespace) -> int:

@@ -83,6 +83,10 @@ class OneModelPipeline:
         self.tokenizers = tokenizers
         self.modalities = {m.name: m for m in model.config.modalities}
         self._check_tokenizers()
+        for name in {m.tokenizer for m in self.modalities.values()}:
+            tok = tokenizers[name]
+            if isinstance(tok, torch.nn.Module):  # VQ tokenizers run on the pipeline's device too
+                tok.to(self.device)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -306,11 +310,17 @@ class OneModelPipeline:
 
     def _suppressed(self, name: str) -> list[int]:
         """Token ids a target may never produce: ids the tokenizer lacks; for text: pad, bos, sentinels, and
-        location tokens outside ``det``."""
+        location tokens outside ``det``; ``det`` may only produce location tokens, class names and eos (when the
+        text tokenizer knows its class names)."""
         mod = self.modalities[name]
         tok = self._tokenizer(name)
         banned = list(range(tok.vocab_size, mod.vocab_size))
         if mod.is_sequence and hasattr(tok, "sentinel_ids"):
+            if name == "det" and tok.class_names:
+                # boxes are "<loc> <loc> <loc> <loc> class": only location tokens, class names (single tokens) and eos
+                classes = [tok.token_to_id(c) for c in tok.class_names]
+                allowed = set(tok.loc_ids) | {tok.eos_id} | {c for c in classes if c is not None}
+                return banned + [i for i in range(tok.vocab_size) if i not in allowed]
             banned += [tok.pad_id, tok.bos_id, *tok.sentinel_ids]
             if name != "det":
                 banned += list(tok.loc_ids)

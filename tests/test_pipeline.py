@@ -179,6 +179,20 @@ def test_batch_size_chunks_give_same_results(pipe, samples):
     assert all(np.allclose(x, y) for x, y in zip(c, d))
 
 
+def test_det_tokens_are_restricted_to_boxes(pipe, samples, bundle):
+    text = bundle.text
+    allowed = set(text.loc_ids) | {text.eos_id} | {text.token_to_id(c) for c in BOX_CLASSES}
+    out = pipe.generate({"rgb": [s["rgb"] for s in samples[:3]]}, ["det", "caption"], temperature=1.0, return_tokens=True)
+    for o in out:
+        assert set(o["det"].tolist()) <= allowed
+        assert not set(o["caption"].tolist()) & (set(text.loc_ids) | set(text.sentinel_ids) | {text.pad_id, text.bos_id})
+
+
+def test_unconditional_generation(pipe):
+    out = pipe.generate({}, ["caption", "rgb"], steps=2)
+    assert isinstance(out["caption"], str) and isinstance(out["rgb"], Image.Image)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
