@@ -245,7 +245,7 @@ class OneModelPipeline:
     def _sequence_input(self, name: str, value: Any, i: int, size: tuple[int, int] | None) -> torch.Tensor | None:
         if value is None:
             return None
-        text = self.text_tokenizer if self.modalities[name].tokenizer == "text" else self._tokenizer(name)
+        text = self._tokenizer(name)
         max_length = self.modalities[name].max_length
         if name == "det":
             from tokenizers_mm.boxes import boxes_to_text
