@@ -79,7 +79,7 @@ class GenerationOutput:
 # ------------------------------------------------------------------------------------------------ batching
 
 
-def _as_rows(name: str, value, batch_size: int | None) -> list[torch.Tensor | None]:
+def _as_rows(name: str, value) -> list[torch.Tensor | None]:
     """One modality's inputs -> a list of 1-D long tensors (or None = missing) per sample."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 1:
@@ -377,7 +377,7 @@ def generate(
         raise ValueError("targets is empty; name at least one modality to generate")
     if not isinstance(inputs, Mapping):
         raise TypeError(f"inputs must be a dict modality -> token ids, got {type(inputs).__name__}")
-    rows = {name: _as_rows(name, value, batch_size) for name, value in inputs.items()}
+    rows = {name: _as_rows(name, value) for name, value in inputs.items()}
     sizes = {len(r) for r in rows.values()}
     if len(sizes) > 1:
         raise ValueError(f"inputs have different batch sizes {sorted(sizes)}; give every modality one entry per sample")

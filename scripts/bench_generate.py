@@ -21,6 +21,7 @@ import logging
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,19 +46,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    """Fastest wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (the minimum is the least
-    disturbed by other processes on a shared machine)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timeit_round_robin(jobs: dict, device: str, repeats: int) -> dict:
+    """Fastest wall seconds of each job over ``repeats`` rounds, running the jobs in turn inside each round (after
+    one warm-up round), so that load from other processes spreads over all jobs instead of hitting one; the
+    minimum is the measurement least disturbed by them."""
+    best = {k: float("inf") for k in jobs}
+    for r in range(repeats + 1):
+        for key, fn in jobs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if r:  # round 0 is the warm-up
+                best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,25 +87,33 @@ def main(argv: list[str] | None = None) -> int:
         "caption": [], "vqa": {}, "maskgit": [],
     }
 
-    # ---- captions: cached vs uncached, per-token cost by length
+    # ---- captions: cached vs uncached, per-token cost by length (one round-robin per batch size)
+    lengths = (8, 16, 32, 64)
     for batch in (1, 8):
         inputs = {"rgb": rgb(batch)}
-        enc_only = timeit(lambda: model.encode(*_enc(model, inputs, batch, dev)), dev, repeats)
-        prev_len, prev_t = 0, {True: enc_only, False: enc_only}
-        for length in (8, 16, 32, 64):
-            row = {"batch": batch, "length": length}
+        jobs = {"encoder": lambda: model.encode(*_enc(model, inputs, batch, dev))}
+        for length in lengths:
             for cache in (True, False):
                 if not cache and args.quick and batch > 1:
                     continue
                 opts = SamplingOptions(schedule=AutoregressiveSchedule(max_length=length, use_cache=cache))
-                t = timeit(lambda: generate(model, inputs, ["caption"], opts, eos_id=None), dev, repeats)
+                jobs[(length, cache)] = partial(generate, model, inputs, ["caption"], opts, eos_id=None)
+        with torch.no_grad():
+            best = timeit_round_robin(jobs, dev, repeats)
+        enc_only = best["encoder"]
+        prev_len, prev_t = 0, {True: enc_only, False: enc_only}
+        for length in lengths:
+            row = {"batch": batch, "length": length, "encoder_s": enc_only}
+            for cache in (True, False):
+                if (length, cache) not in best:
+                    continue
+                t = best[(length, cache)]
                 key = "cached" if cache else "uncached"
                 row[f"{key}_s"] = t
                 row[f"{key}_tokens_per_s"] = batch * length / t
                 row[f"{key}_ms_per_token"] = 1000 * t / length
                 row[f"{key}_marginal_ms_per_token"] = 1000 * (t - prev_t[cache]) / (length - prev_len)
                 prev_t[cache] = t
-            row["encoder_s"] = enc_only
             if "uncached_s" in row:
                 row["speedup"] = row["uncached_s"] / row["cached_s"]
                 row["decode_speedup"] = (row["uncached_s"] - enc_only) / max(row["cached_s"] - enc_only, 1e-9)
@@ -114,16 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     # ---- VQA: rgb + question -> answer (8 tokens), batch 8
     batch = 8
     inputs = {"rgb": rgb(batch), "question": list(text(batch, 12))}
-    t = timeit(lambda: generate(model, inputs, ["answer"], eos_id=None), dev, repeats)
+    t = timeit_round_robin({"vqa": lambda: generate(model, inputs, ["answer"], eos_id=None)}, dev, repeats)["vqa"]
     results["vqa"] = {"batch": batch, "answer_tokens": 8, "seconds": t, "answers_per_s": batch / t}
     logger.info("vqa %s", results["vqa"])
 
     # ---- MaskGIT: caption -> rgb
     for batch in (1, 8):
         inputs = {"caption": list(text(batch, 16))}
-        for steps in (8, 16):
-            opts = SamplingOptions(temperature=1.0, schedule=MaskGITSchedule(steps=steps))
-            t = timeit(lambda: generate(model, inputs, ["rgb"], opts, seed=0), dev, repeats)
+        jobs = {
+            steps: partial(generate, model, inputs, ["rgb"],
+                           SamplingOptions(temperature=1.0, schedule=MaskGITSchedule(steps=steps)), seed=0)
+            for steps in (8, 16)
+        }
+        best = timeit_round_robin(jobs, dev, repeats)
+        for steps, t in best.items():
             row = {"batch": batch, "steps": steps, "seconds": t, "seconds_per_image": t / batch}
             results["maskgit"].append(row)
             logger.info("maskgit %s", row)
@@ -157,6 +171,7 @@ def format_table(r: dict) -> str:
             f"| {row['batch']} | {row['length']} | {row['cached_tokens_per_s']:.0f} | {unc[0]} | {unc[1]} | "
             f"{row['cached_ms_per_token']:.2f} / {row['cached_marginal_ms_per_token']:.2f} | {unc[2]} |"
         )
+    lines.append("")
     lines.append(f"(encoder pass, computed once per caption batch: {1000 * r['caption'][0]['encoder_s']:.1f} ms at batch 1, "
                  f"{1000 * r['caption'][-1]['encoder_s']:.1f} ms at batch 8; marginal = cost of the tokens added since the "
                  "previous length)")

@@ -163,6 +163,12 @@ def test_generate_general_and_return_tokens(pipe, samples):
     assert toks["depth"].dtype == torch.long and toks["depth"].shape == (16,)
     listed = pipe.generate({"rgb": [samples[0]["rgb"], samples[1]["rgb"]], "question": "what is it?"}, "answer")
     assert isinstance(listed, list) and len(listed) == 2 and all(isinstance(o["answer"], str) for o in listed)
+    per = pipe.generate({"caption": "a red circle"}, ["depth", "rgb"], seed=3, steps=3,
+                        per_target={"rgb": {"steps": 16, "schedule": "random", "top_k": 4}})
+    assert isinstance(per["rgb"], Image.Image) and per["depth"].shape == (16, 16)
+    again = pipe.generate({"caption": "a red circle"}, ["depth", "rgb"], seed=3, steps=3,
+                          per_target={"rgb": {"steps": 16, "schedule": "random", "top_k": 4}})
+    assert np.array_equal(np.asarray(per["rgb"]), np.asarray(again["rgb"]))
     boxes = [{"box": [2.0, 3.0, 20.0, 25.0], "label": "circle"}]
     det_in = pipe.generate({"det": boxes}, ["semseg"], steps=1)
     assert det_in["semseg"].shape == (16, 16)  # no image given: the tokenizer's size
@@ -309,6 +315,8 @@ def test_overfit_tiny_model_reproduces_its_training_data(bundle, samples):
         want = tok["rgb"][train.index(s)]
         got = pipe.generate({"caption": s["caption"]}, ["rgb"], temperature=0.0, steps=1, return_tokens=True)["rgb"]
         assert torch.equal(got, want)
+        image = pipe.text_to_image(s["caption"], steps=1, temperature=0.0)
+        assert isinstance(image, Image.Image) and image.size == (16, 16)
     # chained any-to-any through the pipeline runs and returns every target
     chained = pipe.generate({"rgb": train[0]["rgb"]}, ["caption", "depth", "semseg"])
     assert chained["caption"] == trained_captions[0] and chained["depth"].shape == (RES, RES)
