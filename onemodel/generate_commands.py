@@ -79,7 +79,9 @@ def parse_input_pairs(pairs: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in pairs:
         if "=" not in item:
-            raise ValueError(f"--input {item!r} must look like MODALITY=VALUE, e.g. rgb=img.png or caption='a red circle'")
+            raise ValueError(
+                f"--input {item!r} must look like MODALITY=VALUE, e.g. rgb=img.png or caption='a red circle'"
+            )
         name, value = item.split("=", 1)
         name = name.strip()
         if not name:

@@ -84,7 +84,8 @@ def _as_rows(name: str, value) -> list[torch.Tensor | None]:
     if isinstance(value, torch.Tensor):
         if value.dim() == 1:
             raise ValueError(
-                f"input {name!r}: a 1-D tensor is ambiguous; pass a (B, N) tensor or a list of 1-D tensors, one per sample"
+                f"input {name!r}: a 1-D tensor is ambiguous; pass a (B, N) tensor or a list of 1-D tensors, "
+                "one per sample"
             )
         if value.dim() != 2:
             raise ValueError(f"input {name!r}: expected (B, N) token ids, got shape {tuple(value.shape)}")
@@ -92,7 +93,10 @@ def _as_rows(name: str, value) -> list[torch.Tensor | None]:
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         rows = list(value)
     else:
-        raise TypeError(f"input {name!r}: expected token ids as a (B, N) tensor or a list of 1-D tensors, got {type(value).__name__}")
+        raise TypeError(
+            f"input {name!r}: expected token ids as a (B, N) tensor or a list of 1-D tensors, "
+            f"got {type(value).__name__}"
+        )
     out: list[torch.Tensor | None] = []
     for i, row in enumerate(rows):
         if row is None:
@@ -168,7 +172,8 @@ def _check_inputs(model, rows: Mapping[str, list], targets: Sequence[str]) -> No
                 )
             if mod.is_sequence and not 1 <= row.shape[0] <= mod.max_length:
                 raise ValueError(
-                    f"input {name!r} sample {i}: a sequence input needs 1..{mod.max_length} tokens, got {row.shape[0]}; "
+                    f"input {name!r} sample {i}: a sequence input needs 1..{mod.max_length} tokens, "
+                    f"got {row.shape[0]}; "
                     "truncate it (the tokenizer's max_length) or drop the modality"
                 )
             if row.numel() and (int(row.min()) < 0 or int(row.max()) >= mod.vocab_size):
@@ -204,7 +209,8 @@ def _append_partial(enc: tuple, m_idx: int, ids: torch.Tensor, known: torch.Tens
 
 def _encode(model, cond: tuple, uncond: tuple | None, partial: tuple | None = None):
     """Encoder output of the conditional batch, with the unconditional batch (every input dropped) stacked
-    behind it (2B rows) when ``uncond`` is given. partial: ``(m_idx, ids, known)`` of a grid target, appended to both."""
+    behind it (2B rows) when ``uncond`` is given. partial: ``(m_idx, ids, known)`` of a grid target, appended to
+    both."""
     if partial is not None:
         cond = _append_partial(cond, *partial)
         uncond = _append_partial(uncond, *partial) if uncond is not None else None
@@ -311,11 +317,13 @@ def _decode_sequence(
     for t in steps:
         if cache is not None:
             pos = torch.full((rows, 1), t, dtype=torch.long, device=device)
-            hidden = model.decode(enc_out, prev, torch.full_like(pos, m_idx), pos, torch.ones_like(pos, dtype=torch.bool), cache=cache)
+            fed = prev  # (B*, 1): the previous token (ignored at position 0)
         else:  # recompute the whole prefix (reference path)
-            fed = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), tokens[:, :t].repeat(rows // batch_size, 1)], 1)
+            start = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            fed = torch.cat([start, tokens[:, :t].repeat(rows // batch_size, 1)], 1)  # (B*, t + 1)
             pos = torch.arange(t + 1, device=device).expand(rows, t + 1)
-            hidden = model.decode(enc_out, fed, torch.full_like(pos, m_idx), pos, torch.ones_like(pos, dtype=torch.bool))
+        mod_ids, present = torch.full_like(pos, m_idx), torch.ones_like(pos, dtype=torch.bool)
+        hidden = model.decode(enc_out, fed, mod_ids, pos, present, cache=cache)  # (B*, 1 or t + 1, D)
         logits = _mix(model.logits_for(hidden[:, -1:], name).float(), opts, batch_size)  # (B, 1, V)
         logits = _suppress(logits, banned)
         if all_logits is not None:
@@ -406,7 +414,9 @@ def generate(
         if sched is None:
             sched = MaskGITSchedule(steps=min(8, mod.num_tokens)) if mod.is_grid else AutoregressiveSchedule()
         if mod.is_grid and isinstance(sched, AutoregressiveSchedule):
-            raise ValueError(f"target {name!r} is a grid: use MaskGITSchedule or RandomOrderSchedule, not autoregressive")
+            raise ValueError(
+                f"target {name!r} is a grid: use MaskGITSchedule or RandomOrderSchedule, not autoregressive"
+            )
         if mod.is_sequence and not isinstance(sched, AutoregressiveSchedule):
             raise ValueError(f"target {name!r} is a sequence: use AutoregressiveSchedule, not {type(sched).__name__}")
         if mod.is_grid and sched.steps > mod.num_tokens:
@@ -438,8 +448,8 @@ def generate(
                 mod = cfg.modalities[cfg.modality_index(name)]
                 if mod.is_grid:
                     ids, probs, logits = _decode_grid(
-                        model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name), progress,
-                        output_logits,
+                        model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name),
+                        progress, output_logits,
                     )
                 else:
                     ids, probs, logits = _decode_sequence(

@@ -240,7 +240,9 @@ class OneModelPipeline:
             arr = to_semseg_array(value, getattr(tok.config, "num_classes", None), what)
             sizes[i] = sizes[i] or arr.shape
             return resize_semseg(arr, size, size)
-        raise ValueError(f"no input conversion for grid modality {name!r}; pass token ids through onemodel.generation.generate")
+        raise ValueError(
+            f"no input conversion for grid modality {name!r}; pass token ids through onemodel.generation.generate"
+        )
 
     def _sequence_input(self, name: str, value: Any, i: int, size: tuple[int, int] | None) -> torch.Tensor | None:
         if value is None:
@@ -276,7 +278,8 @@ class OneModelPipeline:
         per_target = sampling.pop("per_target", None) or {}
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
-            raise TypeError(f"unknown sampling option(s) {unknown}; valid: {list(SAMPLING_KEYS) + ['per_target', 'seed']}")
+            valid = list(SAMPLING_KEYS) + ["per_target", "seed", "batch_size", "progress", "return_tokens"]
+            raise TypeError(f"unknown sampling option(s) {unknown}; valid: {valid}")
         if not isinstance(per_target, Mapping):
             raise TypeError("per_target must be a dict {modality: {option: value}}")
         bad = sorted(set(per_target) - set(targets))
@@ -301,7 +304,9 @@ class OneModelPipeline:
                     raise ValueError(f"schedule must be 'maskgit' or 'random', got {schedule_name!r}")
                 steps = min(8, mod.num_tokens) if steps is None else steps
                 if steps > mod.num_tokens:
-                    raise ValueError(f"steps={steps} exceeds the {mod.num_tokens} tokens of {name!r}; use 1..{mod.num_tokens}")
+                    raise ValueError(
+                        f"steps={steps} exceeds the {mod.num_tokens} tokens of {name!r}; use 1..{mod.num_tokens}"
+                    )
                 schedule = RandomOrderSchedule(steps) if schedule_name == "random" else MaskGITSchedule(steps)
             else:
                 schedule = AutoregressiveSchedule(max_length=max_length)
@@ -387,7 +392,8 @@ class OneModelPipeline:
             if name == "rgb":
                 return Image.fromarray(np.asarray(arr, dtype=np.uint8))
             if name == "depth":
-                return resize_depth(np.asarray(arr, dtype=np.float32), *size) if size else np.asarray(arr, dtype=np.float32)
+                metres = np.asarray(arr, dtype=np.float32)
+                return resize_depth(metres, *size) if size else metres
             if name == "semseg":
                 return resize_semseg(np.asarray(arr), *size) if size else np.asarray(arr)
             return arr
@@ -441,7 +447,8 @@ class OneModelPipeline:
             return list(images)
         if not is_image_like(images):
             raise TypeError(
-                f"expected an image (PIL, numpy array, tensor or file path) or a list of them, got {type(images).__name__}"
+                "expected an image (PIL, numpy array, tensor or file path) or a list of them, "
+                f"got {type(images).__name__}"
             )
         return images
 

@@ -83,7 +83,9 @@ def _tensor_to_numpy_hwc(t: Any, what: str) -> np.ndarray:
         if first:  # (C, H, W) preferred
             t = t.permute(1, 2, 0)
         elif not last:
-            raise ValueError(f"{what}: tensor of shape {tuple(t.shape)} is neither (C, H, W) nor (H, W, C) with C in 1, 3, 4")
+            raise ValueError(
+                f"{what}: tensor of shape {tuple(t.shape)} is neither (C, H, W) nor (H, W, C) with C in 1, 3, 4"
+            )
     elif t.dim() != 2:
         raise ValueError(f"{what}: expected a (C, H, W) or (H, W, C) tensor, got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point and t.dtype != __import__("torch").float32:
@@ -109,7 +111,9 @@ def to_rgb_array(x: Any, what: str = "image") -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{what}: expected an (H, W, 3) array (or (H, W), (H, W, 1), (H, W, 4)), got shape {arr.shape}")
+        raise ValueError(
+            f"{what}: expected an (H, W, 3) array (or (H, W), (H, W, 1), (H, W, 4)), got shape {arr.shape}"
+        )
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"{what}: image of size {arr.shape[1]}x{arr.shape[0]} is empty")
     if arr.dtype == np.uint8:

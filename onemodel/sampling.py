@@ -47,7 +47,9 @@ def step_counts(num_tokens: int, steps: int, cosine: bool) -> list[int]:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps > num_tokens:
-        raise ValueError(f"steps ({steps}) cannot exceed the number of tokens to decode ({num_tokens}); use at most {num_tokens}")
+        raise ValueError(
+            f"steps ({steps}) cannot exceed the number of tokens to decode ({num_tokens}); use at most {num_tokens}"
+        )
     remaining = num_tokens
     counts = []
     for t in range(1, steps + 1):
@@ -171,7 +173,9 @@ class SamplingOptions:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {self.guidance_scale}")
+            raise ValueError(
+                f"guidance_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {self.guidance_scale}"
+            )
         if self.schedule is not None and not isinstance(
             self.schedule, (MaskGITSchedule, RandomOrderSchedule, AutoregressiveSchedule)
         ):
