@@ -208,8 +208,11 @@ def add_answer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    pipe = _load_pipeline(args)
     questions = list(args.question)
+    for i, q in enumerate(questions):
+        if not q.strip():
+            raise ValueError(f"question {i} is empty; ask something, e.g. 'what color is the circle?'")
+    pipe = _load_pipeline(args)
     answers = pipe.answer([args.image] * len(questions), questions, **_sampling_kwargs(args))
     for q, a in zip(questions, answers):
         print(f"{q}\t{a}" if len(questions) > 1 else a)
