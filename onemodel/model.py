@@ -464,7 +464,10 @@ class OneModel(nn.Module):
         embedding of ``input_ids`` (the previous target token); plus modality and position embeddings."""
         mod, pos = mod.masked_fill(~mask, 0), pos.masked_fill(~mask, 0)
         is_seq = ~self.mod_is_grid[mod]  # (B, Nt)
-        use_tok = is_seq & (pos > 0)
+        use_tok = is_seq & (pos > 0) & mask
+        if bool(((input_ids < 0) | (input_ids >= self.vocab_size[mod]))[use_tok].any()):
+            raise ValueError("decoder input id outside its modality's vocabulary (dec_input_ids are the previous "
+                             "target tokens; build them with OneModel.shift_targets)")
         tok = self.tok_emb(input_ids.masked_fill(~use_tok, 0) + self.vocab_offset[mod])
         seq_in = torch.where(use_tok[..., None], tok, self.start_emb[mod])
         x = torch.where(is_seq[..., None], seq_in, self.mask_token)

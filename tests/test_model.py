@@ -292,6 +292,9 @@ def test_malformed_batches_raise_value_errors():
     bad = dataclasses.replace(b, enc_pos=b.enc_pos.masked_fill(b.enc_mask, 99))
     with pytest.raises(ValueError, match="position"):
         model(bad)
+    enc = model.encode(b.enc_ids, b.enc_mod, b.enc_pos, b.enc_mask)
+    with pytest.raises(ValueError, match="shift_targets"):
+        model.decode(enc, b.dec_ids.masked_fill(b.dec_mod == CAP, 99), b.dec_mod, b.dec_pos, b.dec_mask)
     with pytest.raises(ValueError, match="unknown modality"):
         model.logits_for(torch.zeros(1, 32), "normals")
 
