@@ -31,7 +31,8 @@ def dataset(tmp_path_factory):
 def bundle_dir(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(0)
-    common = dict(image_size=SIZE, base_channels=8, channel_mult=[1, 2], latent_dim=8, codebook_size=32, codebook_dim=4)
+    common = dict(image_size=SIZE, base_channels=8, channel_mult=[1, 2], latent_dim=8, codebook_size=32, codebook_dim=4,
+                  kmeans_init=False)
     VQTokenizer(VQTokenizerConfig(modality="rgb", **common)).save_pretrained(out / "rgb")
     VQTokenizer(VQTokenizerConfig(modality="depth", depth_min=0.5, depth_max=20.0, **common)).save_pretrained(out / "depth")
     VQTokenizer(VQTokenizerConfig(modality="semseg", num_classes=4, quantizer="fsq", fsq_levels=[4, 4],

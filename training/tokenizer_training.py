@@ -279,7 +279,7 @@ def train_vq_tokenizer(
     params = [p for n, p in model.named_parameters() if not n.startswith("diffusion_decoder.") and p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, steps // 20)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc=f"train {config.modality} tokenizer", disable=not progress, mininterval=1.0)
     ema_loss = None
     for step in bar:
@@ -300,11 +300,13 @@ def train_vq_tokenizer(
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{ema_loss:.4f}", recon=f"{out['recon_loss'].item():.4f}")
     train_seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     model.eval()
 
     result: dict[str, Any] = {
         "modality": config.modality, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "train_images": int(len(data)), "train_seconds": round(train_seconds, 1), "final_loss": ema_loss,
+        "train_images": int(len(data)), "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1), "threads": torch.get_num_threads(), "final_loss": ema_loss,
         "grid_size": config.grid_size, "vocab_size": config.vocab_size,
     }
     val = None
