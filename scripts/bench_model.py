@@ -8,9 +8,9 @@ all variants built in one process and stepped round-robin (so load from other pr
 hits them alike), and reports ms/step (best of ``--steps`` timed steps; the median is in the JSON), tokens/s
 (input + target tokens), model FLOPs per token (``OneModel.flops_per_token``), model FLOPs utilisation
 against a matmul peak measured in the same run (fp32 and bf16 square matmuls), and
-peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of the peak resident set (VmHWM, reset
-before the steps) over the resident set before them (measured after a warm-up step, so it counts activations and gradients, not the weights or
-the optimizer state); each variant in its own subprocess). ``fourm`` rows are ``scripts/fourm_baseline.py``, a
+peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of the peak resident set, VmHWM reset
+after a warm-up step, so activations and gradients count, weights and optimizer state do not; each variant in
+its own subprocess). ``fourm`` rows are ``scripts/fourm_baseline.py``, a
 re-creation of the reference 4M implementation's hot path (the reference itself cannot be installed here).
 
 Reference config: width 256, 4 + 4 layers, 4 heads, rgb 16x16 grid (V 1024) + caption (64 tokens, V 1000),
