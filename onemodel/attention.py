@@ -3,7 +3,9 @@
 ``attention(q, k, v, mask, is_causal, backend, dropout_p)`` computes ``softmax(q k^T / sqrt(Dh) + mask) v``:
 
 - ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's fused flash /
-  memory-efficient / math kernels, CPU and GPU).
+  memory-efficient / math kernels, CPU and GPU). Exception: reduced-precision (bf16 / fp16) tensors on CPU
+  take the plain matmul-softmax-matmul path, because PyTorch's CPU flash kernel is ~4x slower there in
+  forward + backward at the sequence lengths this model uses (``scripts/bench_model.py`` measures it).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (CUDA only). A boolean mask is turned into an
   additive bias (0 / -inf); a causal flag alone uses xformers' ``LowerTriangularMask``. Packed batches with
   block-diagonal structure can pass an ``xformers.ops.fmha.attn_bias`` object directly as ``mask``.
@@ -12,6 +14,11 @@
 Shapes: q ``(B, H, Nq, Dh)``, k and v ``(B, H, Nk, Dh)``; ``mask`` is boolean and broadcastable to
 ``(B, H, Nq, Nk)`` with PyTorch polarity (True = may attend). ``is_causal`` means query i sees keys j <= i
 (top-left aligned, so it needs Nq == Nk); with a mask as well, both must allow a key.
+
+A model that runs many attention calls with the same mask (every layer of the encoder or decoder) prepares
+it once with ``AttentionMask(mask, is_causal)`` and passes that object as ``mask``: the causal flag is folded
+in, rows without any allowed key are found once (one host sync per forward instead of one per layer), and
+the additive bias of the matmul path is built once per dtype.
 
 Rows without any allowed key (the query slot of a padding token, or a sample with no input at all) would
 give NaN (softmax over nothing) and NaN gradients. ``attention`` returns zeros for such rows (attention over
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "BACKENDS", "available_backends", "xformers_available"]
+__all__ = ["attention", "AttentionMask", "BACKENDS", "available_backends", "xformers_available"]
 
 BACKENDS = ("sdpa", "xformers", "eager")
 
@@ -62,6 +69,40 @@ def _no_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     return mask | empty, empty
 
 
+class AttentionMask:
+    """A boolean attention mask prepared once for many ``attention`` calls over the same queries and keys.
+
+    mask: bool, broadcastable to (B, H, Nq, Nk), True = may attend; or None (only ``is_causal`` or nothing).
+    is_causal: top-left causal constraint (folded into the mask when there is one).
+    Rows with no allowed key are opened to all keys and remembered in ``empty`` (zeroed after attention).
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None, is_causal: bool = False) -> None:
+        self.empty: torch.Tensor | None = None
+        if isinstance(mask, torch.Tensor):
+            if mask.dtype != torch.bool:
+                raise TypeError(f"attention mask must be a bool tensor (True = may attend), got {mask.dtype}")
+            if mask.dim() < 2:
+                raise ValueError(f"attention mask must be broadcastable to (B, H, Nq, Nk), got {tuple(mask.shape)}")
+            if is_causal:
+                n = mask.shape[-1]  # causal needs as many queries as keys
+                mask, is_causal = _merge_causal(mask, n, n, mask.device), False
+            mask, self.empty = _no_empty_rows(mask)
+        elif mask is not None:
+            raise TypeError(f"AttentionMask needs a bool tensor or None, got {type(mask).__name__}")
+        self.mask, self.is_causal = mask, is_causal
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive form of the mask (0 where allowed, -inf elsewhere) in ``dtype``, built once per dtype."""
+        if self.mask is None:
+            return None
+        if dtype not in self._bias:
+            self._bias[dtype] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf"))
+        return self._bias[dtype]
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, is_causal: bool, backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
@@ -74,6 +115,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, is_caus
             f"is_causal needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}); "
             "pass an explicit boolean mask for cached / offset decoding"
         )
+    if isinstance(mask, AttentionMask) and mask.mask is not None and mask.mask.shape[-2:] not in (
+            (q.shape[2], k.shape[2]), (1, k.shape[2])):
+        raise ValueError(f"prepared mask {tuple(mask.mask.shape)} does not fit {q.shape[2]} queries / {k.shape[2]} keys")
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         raise TypeError(f"attention mask must be a bool tensor (True = may attend), got {mask.dtype}")
 
@@ -87,6 +131,21 @@ def _eager(q, k, v, mask, dropout_p):
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, H, Nq, Dh)
+
+
+def _math(q, k, v, bias, is_causal, dropout_p):
+    """Fast math path (used by ``sdpa`` for bf16 / fp16 on CPU): additive bias, softmax in the input dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
+    if is_causal:
+        bias = torch.zeros(q.shape[2], k.shape[2], dtype=q.dtype, device=q.device).masked_fill_(
+            ~_merge_causal(None, q.shape[2], k.shape[2], q.device), float("-inf"))
+    if bias is not None:
+        scores = scores.add_(bias)  # in place: the matmul output is not needed by its backward
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
 
 
 def _xformers(q, k, v, mask, is_causal, dropout_p):
@@ -131,17 +190,20 @@ def attention(
     ``dropout_p`` is applied as given: pass 0.0 at evaluation time.
     """
     _check(q, k, v, mask, is_causal, backend)
-    empty = None
-    if isinstance(mask, torch.Tensor):
-        if is_causal:
-            mask, is_causal = _merge_causal(mask, q.shape[2], k.shape[2], q.device), False
-        mask, empty = _no_empty_rows(mask)
-    if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    if not isinstance(mask, AttentionMask):
+        mask = AttentionMask(mask, is_causal)
+    elif is_causal:
+        raise ValueError("pass is_causal to AttentionMask(mask, is_causal), not to attention() with a prepared mask")
+    is_causal, empty = mask.is_causal, mask.empty
+    if is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"is_causal needs as many queries as keys (got {q.shape[2]} and {k.shape[2]})")
+    if backend == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        out = _math(q, k, v, mask.bias(q.dtype), is_causal, dropout_p)
+    elif backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, dropout_p=dropout_p, is_causal=is_causal)
     elif backend == "eager":
-        if is_causal:
-            mask = _merge_causal(None, q.shape[2], k.shape[2], q.device)
-        out = _eager(q, k, v, mask, dropout_p)
+        bool_mask = _merge_causal(None, q.shape[2], k.shape[2], q.device) if is_causal else mask.mask
+        out = _eager(q, k, v, bool_mask, dropout_p)
     else:
-        out = _xformers(q, k, v, mask, is_causal, dropout_p)
+        out = _xformers(q, k, v, mask.mask, is_causal, dropout_p)
     return out if empty is None else out.masked_fill(empty, 0.0)

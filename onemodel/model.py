@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onemodel.attention import BACKENDS, attention
+from onemodel.attention import BACKENDS, AttentionMask, attention
 from onemodel.config import from_dict, to_dict
 from onemodel.modalities import Modality, validate_modalities
 
@@ -234,7 +234,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, mask=None, is_causal=False, past_kv=None):
         """x (B, N, D) -> (out (B, N, D), (k, v) each (B, H, T+N, Dh) including ``past_kv``)."""
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind the (B, N, 3, H, Dh) projection, then view as (B, H, N, Dh): the backward writes the q/k/v
+        # gradients straight into one (B, N, 3D) buffer (one copy instead of cat + permute copy)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2))
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         p = self.dropout if self.training else 0.0
@@ -256,7 +258,7 @@ class CrossAttention(nn.Module):
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context (B, Ni, D) -> (k, v) each (B, H, Ni, Dh)."""
         B, N, D = context.shape
-        k, v = self.kv(context).view(B, N, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        k, v = (t.transpose(1, 2) for t in self.kv(context).view(B, N, 2, self.num_heads, D // self.num_heads).unbind(2))
         return k, v
 
     def forward(self, x, kv, mask=None):
@@ -453,7 +455,8 @@ class OneModel(nn.Module):
             enc_ids, enc_mod, enc_pos = (t.new_zeros(t.shape[0], 1) for t in (enc_ids, enc_mod, enc_pos))
             enc_mask = enc_mask.new_zeros(enc_mask.shape[0], 1)
         x = self.embed_inputs(enc_ids, enc_mod, enc_pos, enc_mask)
-        attn_mask = self._key_padding_mask(enc_mask, num_queries=enc_mask.shape[1])
+        # prepared once for all layers (causal folding, empty rows, additive bias): no host sync per layer
+        attn_mask = AttentionMask(self._key_padding_mask(enc_mask, num_queries=enc_mask.shape[1]))
         for block in self.encoder:
             x = self._run(block, x, attn_mask)
         return EncoderOutput(states=self.encoder_norm(x), mask=enc_mask)
@@ -513,15 +516,16 @@ class OneModel(nn.Module):
         x = self.embed_targets(dec_input_ids, dec_mod, dec_pos, dec_mask)
         mod, pos = dec_mod.masked_fill(~dec_mask, 0), dec_pos.masked_fill(~dec_mask, 0)
         enc_mask = enc_out.mask
-        cross_mask = self._key_padding_mask(enc_mask, num_queries=dec_mask.shape[1])
+        cross_mask = AttentionMask(self._key_padding_mask(enc_mask, num_queries=dec_mask.shape[1]))
         if cache is None:
             self_mask, is_causal = self._self_attention_plan(mod, pos, dec_mask)
+            self_mask, is_causal = AttentionMask(self_mask, is_causal), False
             cross_kv = [None] * len(self.decoder)
         else:
             k_mod = mod if cache.mod is None else torch.cat([cache.mod, mod], 1)
             k_pos = pos if cache.pos is None else torch.cat([cache.pos, pos], 1)
             k_mask = dec_mask if cache.mask is None else torch.cat([cache.mask, dec_mask], 1)
-            self_mask, is_causal = decoder_self_mask(mod, pos, k_mod, k_pos, k_mask, self.mod_is_grid), False
+            self_mask, is_causal = AttentionMask(decoder_self_mask(mod, pos, k_mod, k_pos, k_mask, self.mod_is_grid)), False
             cross_kv = cache.cross_kv
         new_kv = []
         for i, block in enumerate(self.decoder):

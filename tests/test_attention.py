@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onemodel.attention import attention, available_backends, xformers_available
+from onemodel.attention import AttentionMask, attention, available_backends, xformers_available
 
 
 def _qkv(B=2, H=2, Nq=5, Nk=7, Dh=8, seed=0, requires_grad=True):
@@ -86,6 +86,46 @@ def test_dense_block_mask_agrees():
     mod = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
     mask = (mod[:, :, None] == mod[:, None, :])[:, None]
     _assert_backends_agree(q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prepared_mask_gives_the_same_result_as_the_raw_mask(causal):
+    q, k, v = _qkv(Nq=6, Nk=6)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[0, :, :, 4:] = False  # padding keys in sample 0
+    mask[1, :, 2] = False  # query 2 of sample 1 sees nothing: zeroed
+    prepared = AttentionMask(mask, is_causal=causal)
+    for backend in ("sdpa", "eager"):
+        raw = _out_and_grads(backend, q, k, v, mask=mask, is_causal=causal)
+        got = _out_and_grads(backend, q, k, v, mask=prepared)
+        for a, b in zip(raw, got):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+        assert (got[0][1, :, 2] == 0).all()
+    # is_causal with no tensor mask stays a flag; the bias is built once per dtype and reused
+    flag = AttentionMask(None, is_causal=True)
+    torch.testing.assert_close(attention(q, k, v, mask=flag), attention(q, k, v, is_causal=True))
+    assert prepared.bias(torch.bfloat16) is prepared.bias(torch.bfloat16)
+    assert prepared.bias(torch.float32)[0, 0, 0, 5] == float("-inf") and prepared.bias(torch.float32)[0, 0, 0, 0] == 0
+    with pytest.raises(ValueError, match="AttentionMask"):
+        attention(q, k, v, mask=prepared, is_causal=True)
+    with pytest.raises(TypeError, match="bool"):
+        AttentionMask(torch.ones(2, 1, 6, 6))
+
+
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"mask": "pad"}])
+def test_sdpa_bf16_on_cpu_uses_the_math_path_and_agrees_with_eager(kw, monkeypatch):
+    """bf16 on CPU: ``sdpa`` does not call PyTorch's (slow) CPU flash kernel and still computes attention."""
+    q, k, v = (t.detach().bfloat16() for t in _qkv(Nq=6, Nk=6))
+    if kw.get("mask") == "pad":
+        kw = {"mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]}
+    ref = _out_and_grads("eager", q.float(), k.float(), v.float(), **kw)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1))
+    got = _out_and_grads("sdpa", q, k, v, **kw)
+    assert not calls
+    for a, b in zip(ref, got):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a, atol=3e-2, rtol=3e-2)
 
 
 def test_bad_arguments_raise_clear_errors():
