@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # command not built in this checkout
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
+        suffix = name.replace("-", "_")
+        if hasattr(module, f"add_{suffix}_arguments"):  # one module serving several subcommands
+            add, runner = getattr(module, f"add_{suffix}_arguments"), getattr(module, f"run_{suffix}")
+        else:
+            add, runner = module.add_arguments, module.run
         add(p)
-        runner = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
         p.set_defaults(_run=runner)
     return parser
 

@@ -41,8 +41,9 @@ class DemoSettings:
     num_train: int = 4000
     num_val: int = 200
     num_test: int = 200
-    tokenizer_config_dir: str = str(CONFIG_DIR / "tokenizers")
-    tokenizer_steps: dict[str, int] = field(default_factory=dict)  # overrides the steps of each tokenizer config
+    grid_size: int = 8  # tokens per side of the image tokenizers (8 or 16 for 64x64 images)
+    # per tokenizer overrides of the recommended training options, e.g. {"rgb": {"steps": 40}}
+    tokenizer_training: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_vocab_size: int = 512
     train_config: str = str(CONFIG_DIR / "demo.yaml")
     train_overrides: list[str] = field(default_factory=list)
@@ -55,12 +56,12 @@ PRESETS: dict[str, DemoSettings] = {
     "full": DemoSettings(),
     "quick": DemoSettings(
         num_train=160, num_val=16, num_test=16,
-        tokenizer_steps={"rgb": 40, "depth": 40, "semseg": 40},
+        tokenizer_training={m: {"steps": 40, "max_val_samples": 16} for m in ("rgb", "depth", "semseg")},
         text_vocab_size=256,
         train_overrides=[
             "optim.max_steps=30", "optim.warmup_steps=5", "optim.batch_size=16",
             "checkpoint.every=15", "logging.eval_every=15", "logging.eval_batches=1", "logging.log_every=5",
-            "model.dim=64", "model.encoder_depth=2", "model.decoder_depth=2",
+            "model.dim=64", "model.num_heads=2", "model.encoder_depth=2", "model.decoder_depth=2",
         ],
         eval_limit=6, eval_batch_size=6,
     ),
@@ -89,17 +90,15 @@ class StageState:
         os.replace(tmp, self.path)
 
 
-def _tokenizer_configs(settings: DemoSettings) -> dict[str, dict[str, Any]]:
-    """The VQ tokenizer configs of the demo (``configs/tokenizers/{rgb,depth,semseg}.yaml``)."""
-    from onemodel.config import load_config_file
+def _tokenizer_configs(settings: DemoSettings, data_dir: Path) -> dict[str, Any]:
+    """The VQ tokenizer training configs of the demo: the recommended ones for ``settings.grid_size``."""
+    from training.tokenizer_training import load_vq_training_config
 
     out = {}
     for modality in ("rgb", "depth", "semseg"):
-        data = load_config_file(Path(settings.tokenizer_config_dir) / f"{modality}.yaml")
-        if modality in settings.tokenizer_steps:
-            data.setdefault("train", {})["steps"] = settings.tokenizer_steps[modality]
-        data.setdefault("model", {})["image_size"] = settings.resolution
-        out[modality] = data
+        overrides = [f"training.{k}={v}" for k, v in settings.tokenizer_training.get(modality, {}).items()]
+        out[modality] = load_vq_training_config(modality, overrides=overrides, data_dir=data_dir,
+                                                grid_size=settings.grid_size)
     return out
 
 
@@ -119,12 +118,11 @@ def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, pro
         "data": out / "data", "tokenizers": out / "tokenizers", "tokens": out / "tokens", "run": out / "run",
         "eval": out / "eval", "report": out / "report",
     }
-    tok_configs = _tokenizer_configs(settings)
     # each stage's key covers its own settings and the keys of the stages before it
     keys: dict[str, str] = {}
     stage_settings = {
         "data": [settings.resolution, settings.num_train, settings.num_val, settings.num_test],
-        "tokenizers": [tok_configs, settings.text_vocab_size, settings.seed],
+        "tokenizers": [settings.grid_size, settings.tokenizer_training, settings.text_vocab_size, settings.seed],
         "tokenize": [],
         "train": [Path(settings.train_config).read_text(), settings.train_overrides],
         "eval": [settings.eval_limit, settings.eval_batch_size, settings.seed],
@@ -135,7 +133,7 @@ def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, pro
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "data": lambda: _stage_data(settings, paths, progress),
-        "tokenizers": lambda: _stage_tokenizers(settings, tok_configs, paths, progress),
+        "tokenizers": lambda: _stage_tokenizers(settings, paths, progress),
         "tokenize": lambda: _stage_tokenize(paths, progress),
         "train": lambda: _stage_train(settings, paths),
         "eval": lambda: _stage_eval(settings, paths, progress),
@@ -172,23 +170,22 @@ def _stage_data(settings: DemoSettings, paths: dict[str, Path], progress: bool) 
     return {"splits": meta.get("splits"), "seconds": meta.get("seconds")}
 
 
-def _stage_tokenizers(settings: DemoSettings, tok_configs: dict[str, dict[str, Any]], paths: dict[str, Path],
-                      progress: bool) -> dict[str, Any]:
+def _stage_tokenizers(settings: DemoSettings, paths: dict[str, Path], progress: bool) -> dict[str, Any]:
     import shutil
 
-    from onemodel.config import from_dict
-    from tokenizers_mm.vq import VQTokenizerConfig
     from training.tokenizer_training import train_text_tokenizer, train_vq_tokenizer
 
     bundle = paths["tokenizers"]
     if bundle.exists():
         shutil.rmtree(bundle)
     info: dict[str, Any] = {}
-    for modality, data in tok_configs.items():
-        config = from_dict(VQTokenizerConfig, data.get("model", {}))
-        train_opts = dict(data.get("train", {}))
-        result = train_vq_tokenizer(config, paths["data"], paths["data"], bundle / modality, seed=settings.seed,
-                                    progress=progress, **train_opts)
+    for modality, cfg in _tokenizer_configs(settings, paths["data"]).items():
+        opts = cfg.training
+        result = train_vq_tokenizer(
+            cfg.tokenizer, paths["data"], paths["data"], bundle / modality, steps=opts.steps,
+            batch_size=opts.batch_size, lr=opts.lr, seed=settings.seed, progress=progress, bf16=opts.bf16,
+            max_train_samples=opts.max_train_samples, max_val_samples=opts.max_val_samples,
+        )
         info[modality] = {k: v for k, v in result.items() if k != "tokenizer"}
     train_text_tokenizer(paths["data"], bundle / "text", vocab_size=settings.text_vocab_size)
     return info
