@@ -136,8 +136,11 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def build_variant(args, impl: str, backend: str, dtype: str):
-    """Model + fixed batch + AdamW for one variant -> (step function returning the loss, info dict)."""
+def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"):
+    """Model + fixed batch + AdamW for one variant -> (step function returning the loss, info dict).
+
+    compiled == "1": every encoder / decoder block of the model (OneModel or the 4M-style baseline alike) is
+    wrapped with ``torch.compile`` (inductor); embeddings, masks and loss stay eager."""
     torch.manual_seed(0)
     device = args.device
     mods = modalities(args)
@@ -159,6 +162,9 @@ def build_variant(args, impl: str, backend: str, dtype: str):
         model = FourMBaseline(mods, args.dim, args.depth, args.depth, args.heads).to(device).train()
         mod_dict = {m: {k: v.to(device) for k, v in d.items()} for m, d in make_mod_dict(spec, mods).items()}
         forward = lambda: model(mod_dict, args.inputs, args.targets)[0]  # noqa: E731
+    if compiled == "1":
+        for block in [*model.encoder, *model.decoder]:
+            block.compile(dynamic=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)  # one kernel for all params
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
 
@@ -171,14 +177,15 @@ def build_variant(args, impl: str, backend: str, dtype: str):
         return loss.detach()
 
     label = {"onemodel": backend, "onemodel-dense": backend + " + dense masks", "fourm": "eager (4M-style)"}[impl]
-    info = {"impl": impl.split("-")[0], "backend": label, "dtype": dtype,
+    label += " + compile" if compiled == "1" else ""
+    info = {"impl": impl.split("-")[0], "backend": label, "dtype": dtype, "compiled": compiled == "1",
             "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters())}
     return step, info
 
 
-def measure_memory(args, impl: str, backend: str, dtype: str) -> float:
+def measure_memory(args, impl: str, backend: str, dtype: str, compiled: str = "0") -> float:
     """Peak memory (MB) of training steps: CUDA max allocated, or CPU peak-RSS growth during the steps."""
-    step, _ = build_variant(args, impl, backend, dtype)
+    step, _ = build_variant(args, impl, backend, dtype, compiled)
     step()
     _sync(args.device)
     if args.device.startswith("cuda"):
@@ -198,8 +205,11 @@ def time_variants(args, names) -> list[dict]:
     """Build every variant, warm up, then time steps round-robin (A B C A B C ...) so that load changes on a
     shared machine hit all variants alike; report the median step time."""
     built = [build_variant(args, *name) for name in names]
-    for step, _ in built:
-        for _ in range(args.warmup):
+    for step, info in built:
+        t = time.perf_counter()
+        step()  # first step: includes torch.compile's compilation for compiled variants
+        info["first_step_s"] = time.perf_counter() - t
+        for _ in range(args.warmup - 1):
             step()
     times = [[] for _ in built]
     for _ in range(args.steps):
@@ -228,10 +238,14 @@ def variants(args) -> list[tuple[str, str, str]]:
     out = []
     for dtype in args.dtypes.split(","):
         if not args.no_baseline:
-            out.append(("fourm", "eager", dtype))
-        out += [("onemodel", b, dtype) for b in backends]
+            out.append(("fourm", "eager", dtype, "0"))
+        out += [("onemodel", b, dtype, "0") for b in backends]
         if args.ablations and "sdpa" in backends:
-            out.append(("onemodel-dense", "sdpa", dtype))
+            out.append(("onemodel-dense", "sdpa", dtype, "0"))
+        if args.compile:  # compiled rows next to the eager ones, baseline compiled the same way
+            if not args.no_baseline:
+                out.append(("fourm", "eager", dtype, "1"))
+            out += [("onemodel", b, dtype, "1") for b in backends[:1]]
     return out
 
 
@@ -250,11 +264,14 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", type=int, default=128, help="input tokens per sample")
     p.add_argument("--targets", type=int, default=128, help="target tokens per sample")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (at least 1)")
     p.add_argument("--backends", default="sdpa,eager,xformers")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--ablations", action="store_true", help="add OneModel with dense masks (what structured masks give)")
     p.add_argument("--no-baseline", action="store_true", help="skip the 4M-style baseline rows")
+    p.add_argument("--compile", action="store_true",
+                   help="add rows with torch.compile'd blocks (the baseline's and OneModel's first backend); "
+                        "their compile time is the first step (first_step_s in the JSON)")
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak matmul measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement subprocesses")
     p.add_argument("--json", default="runs/bench_model.json", help="where to write the results")
@@ -280,22 +297,27 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"memory run {name} failed:\n{res.stderr[-3000:]}")
             row["peak_mem_mb"] = json.loads(res.stdout.strip().splitlines()[-1])
 
-    base = {r["dtype"]: r for r in rows if r["impl"] == "fourm"}
+    # vs the eager baseline of the same dtype, and vs the baseline with the same compile setting
+    base = {(r["dtype"], r["compiled"]): r["ms_per_step"] for r in rows if r["impl"] == "fourm"}
     for r in rows:
-        r["speedup_vs_fourm"] = base[r["dtype"]]["ms_per_step"] / r["ms_per_step"] if r["dtype"] in base else None
+        eager_base, same_base = base.get((r["dtype"], False)), base.get((r["dtype"], r["compiled"]))
+        r["speedup_vs_fourm"] = eager_base / r["ms_per_step"] if eager_base else None
+        r["speedup_vs_fourm_same_compile"] = same_base / r["ms_per_step"] if same_base else None
 
     print(f"\ndevice {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"{args.threads} threads; batch {args.batch}, {args.inputs} input + {args.targets} target tokens/sample, "
           f"width {args.dim}, {args.depth}+{args.depth} layers, {args.heads} heads")
     print(f"matmul peak ({args.peak_size}^2): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
-    head = f"| {'impl':8s} | {'attention':19s} | dtype | ms/step (best) | ms/step (median) | tokens/s | GFLOP/token | MFU | peak mem MB | vs 4M-style |"
+    head = (f"| {'impl':8s} | {'attention':26s} | dtype | ms/step (best) | ms/step (median) | tokens/s | GFLOP/token "
+            f"| MFU | peak mem MB | first step s | vs 4M-style | vs 4M-style same compile |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    fmt = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
     for r in rows:
-        sp = f"{r['speedup_vs_fourm']:.2f}x" if r["speedup_vs_fourm"] else "-"
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        print(f"| {r['impl']:8s} | {r['backend']:19s} | {r['dtype']:5s} | {r['ms_per_step']:14.0f} | {r['ms_median']:16.0f} | {r['tokens_per_s']:8.0f} | "
-              f"{r['flops_per_token'] / 1e9:11.4f} | {r['mfu'] * 100:2.0f}% | {mem:>11s} | {sp:>11s} |")
+        print(f"| {r['impl']:8s} | {r['backend']:26s} | {r['dtype']:5s} | {r['ms_per_step']:14.0f} | {r['ms_median']:16.0f} "
+              f"| {r['tokens_per_s']:8.0f} | {r['flops_per_token'] / 1e9:11.4f} | {r['mfu'] * 100:2.0f}% | {mem:>11s} "
+              f"| {r['first_step_s']:12.1f} | {fmt(r['speedup_vs_fourm']):>11s} | {fmt(r['speedup_vs_fourm_same_compile']):>24s} |")
     out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
            "peak_flops": peaks, "rows": rows}
     if args.json:
