@@ -208,6 +208,9 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
     (``optim.lr=3e-4``), and build a :class:`TrainConfig`. Errors name the offending key."""
     data = load_config_file(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
+    optim = data.get("optim")
+    if isinstance(optim, dict) and optim.get("mixed_precision") is False:
+        optim["mixed_precision"] = "no"  # YAML 1.1 reads a bare `no` as false (optim.mixed_precision=no)
     return from_dict(TrainConfig, data)
 
 
@@ -253,7 +256,7 @@ def validate_train_config(config: TrainConfig, num_processes: int = 1,
     bundle = Path(config.tokenizers)
     if not bundle.is_dir():
         raise FileNotFoundError(f"tokenizers: bundle directory {str(bundle)!r} does not exist; train the tokenizers "
-                                "first or fix the path")
+                                "first ('onemodel demo' or 'onemodel train-tokenizer') or fix the path")
     provided = list(modality_names) if modality_names is not None else bundle_modality_names(bundle)
     if not config.data.sources:
         raise ValueError("data.sources is empty: list at least one token-shard or raw-shard directory")

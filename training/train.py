@@ -237,8 +237,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     model = OneModel(model_config)
     model.gradient_checkpointing = config.model.gradient_checkpointing
     n_params = model.num_params()
+    # fused AdamW: one kernel for all parameters (CPU and CUDA, torch >= 2.4)
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                                  eps=optim.eps)
+                                  eps=optim.eps, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # ---- resume: model, optimizer, RNG states (accelerate) + step and data position (trainer_state.json)
