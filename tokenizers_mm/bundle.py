@@ -139,16 +139,33 @@ class TokenizerBundle:
         if TEXT_TOKENIZER in self.tokenizers:
             text = self.tokenizers[TEXT_TOKENIZER]
             eos = text.eos_id  # type: ignore[attr-defined]
-
-            def ids_of(s: str, allow_empty: bool = False) -> np.ndarray:
-                return np.asarray(text.encode_ids(s, allow_empty=allow_empty) + [eos], dtype=np.int32)  # type: ignore[attr-defined]
-
             bins = text.num_loc_bins  # type: ignore[attr-defined]
+            # collect every text of the batch, encode them in one call, then hand the rows back
+            texts: list[str] = []
+            dets: list[str] = []
+            where: list[tuple[int, str, int]] = []  # (sample, field, qa index)
+            det_where: list[int] = []
             for i, raw in enumerate(raws):
                 if raw.get("caption") is not None:
-                    out[i]["caption"] = ids_of(raw["caption"])
+                    texts.append(raw["caption"])
+                    where.append((i, "caption", -1))
+                for j, pair in enumerate(raw.get("qa") or []):
+                    texts += [pair["question"], pair["answer"]]
+                    where += [(i, "question", j), (i, "answer", j)]
                 if raw.get("boxes") is not None:
-                    out[i]["det"] = ids_of(boxes_to_text(raw["boxes"], self._image_size(raw), bins), allow_empty=True)
+                    dets.append(boxes_to_text(raw["boxes"], self._image_size(raw), bins))
+                    det_where.append(i)
+            rows = text.encode_ids_batch(texts) if texts else []  # type: ignore[attr-defined]
+            for i, raw in enumerate(raws):
                 if raw.get("qa") is not None:
-                    out[i]["qa"] = [[ids_of(p["question"]).tolist(), ids_of(p["answer"]).tolist()] for p in raw["qa"]]
+                    out[i]["qa"] = [[[], []] for _ in raw["qa"]]
+            for (i, field_name, j), row in zip(where, rows):
+                ids = row + [eos]
+                if field_name == "caption":
+                    out[i]["caption"] = np.asarray(ids, dtype=np.int32)
+                else:
+                    out[i]["qa"][j][0 if field_name == "question" else 1] = ids
+            det_rows = text.encode_ids_batch(dets, allow_empty=True) if dets else []  # type: ignore[attr-defined]
+            for i, row in zip(det_where, det_rows):
+                out[i]["det"] = np.asarray(row + [eos], dtype=np.int32)
         return out

@@ -32,7 +32,7 @@ class DiffusionDecoderConfig:
     predicts ("epsilon", "sample" = the clean image, or "v_prediction"); num_inference_steps: default sampling
     steps."""
 
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     layers_per_block: int = 1
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000

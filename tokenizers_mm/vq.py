@@ -56,7 +56,9 @@ class VQTokenizerConfig:
         every level after the first halves the resolution, so ``grid_size = image_size / 2**(len(channel_mult)-1)``
         (``[1, 2, 2]``: 64 -> 16x16 tokens; ``[1, 2, 2, 4]``: 64 -> 8x8 tokens).
     num_res_blocks: residual blocks per downsampled level (encoder and decoder).
-    norm_groups: GroupNorm groups in the residual blocks (0 = no normalisation, faster on CPU).
+    norm_groups: GroupNorm groups in the residual blocks (0 = none; measured: GroupNorm reaches a given PSNR in
+        about half the steps).
+    upsample: decoder upsampling, "transpose" (4x4 stride-2 transposed conv) or "nearest" (+ 3x3 conv).
     latent_dim: channels of the encoder output / decoder input (the quantizer's ``dim``).
     quantizer: "vq" (``VectorQuantize``) or "fsq" (``FSQ``; its codebook size is ``prod(fsq_levels)``).
     codebook_size, codebook_dim, ema_decay, kmeans_init, threshold_ema_dead_code, use_cosine_sim,
@@ -71,11 +73,11 @@ class VQTokenizerConfig:
 
     modality: Literal["rgb", "depth", "semseg"] = "rgb"
     image_size: int = 64
-    base_channels: int = 32
+    base_channels: int = 16
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
-    norm_groups: int = 0
-    upsample: Literal["transpose", "nearest"] = "transpose"
+    norm_groups: int = 8
+    upsample: Literal["transpose", "nearest"] = "transpose"  # decoder upsampling: 4x4 transposed conv or nearest+3x3
     latent_dim: int = 32
     quantizer: Literal["vq", "fsq"] = "vq"
     codebook_size: int = 1024
@@ -97,6 +99,8 @@ class VQTokenizerConfig:
             raise ValueError(f"modality must be 'rgb', 'depth' or 'semseg', got {self.modality!r}")
         if self.quantizer not in ("vq", "fsq"):
             raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+        if self.upsample not in ("transpose", "nearest"):
+            raise ValueError(f"upsample must be 'transpose' or 'nearest', got {self.upsample!r}")
         if self.recon_loss not in ("l1", "mse"):
             raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
         self.channel_mult = [int(m) for m in self.channel_mult]

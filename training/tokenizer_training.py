@@ -24,7 +24,8 @@ from tokenizers_mm.vq import VQTokenizerConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_modality_array", "load_texts", "train_vq_tokenizer", "evaluate_vq_tokenizer", "train_text_tokenizer",
-           "VQTrainingOptions", "VQTrainingConfig", "RECOMMENDED", "recommended_vq_config", "load_vq_training_config"]
+           "VQTrainingOptions", "VQTrainingConfig", "RECOMMENDED", "recommended_vq_config", "load_vq_training_config",
+           "train_tokenizer_bundle"]
 
 Source = str | Path | Sequence[dict[str, Any]] | np.ndarray
 
@@ -96,15 +97,15 @@ def load_texts(source: str | Path | Sequence[dict[str, Any]], num_bins: int = 64
 class VQTrainingOptions:
     """How to train an image tokenizer (the ``training:`` section of ``configs/tokenizers/*.yaml``)."""
 
-    steps: int = 1500
-    batch_size: int = 16
-    lr: float = 2e-3
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 3e-3
     seed: int = 0
-    bf16: bool = False
+    bf16: bool = False  # measured: no speed-up for these small conv nets on an AMX CPU
     max_train_samples: int | None = None
     max_val_samples: int = 256
-    diffusion_steps: int = 600
-    diffusion_lr: float = 1e-3
+    diffusion_steps: int = 400
+    diffusion_lr: float = 2e-3
 
 
 @dataclass
@@ -117,21 +118,20 @@ class VQTrainingConfig:
 
 # Recommended configs for 64x64 images, per (modality, grid size); configs/tokenizers/*.yaml hold the same values.
 # Measured numbers (held-out shapes) are in docs/readme_parts/tokenizers.md.
+_SHAPES_DEPTH = {"depth_min": 0.5, "depth_max": 20.0}  # shapes depth is 1-10 m; set these for your data
 RECOMMENDED: dict[tuple[str, int], dict[str, Any]] = {
-    ("rgb", 16): {"tokenizer": {"modality": "rgb", "base_channels": 32, "channel_mult": [1, 2, 2]},
-                  "training": {"steps": 1500, "batch_size": 16, "lr": 2e-3}},
-    ("rgb", 8): {"tokenizer": {"modality": "rgb", "base_channels": 32, "channel_mult": [1, 2, 2, 4]},
-                 "training": {"steps": 1500, "batch_size": 16, "lr": 2e-3}},
-    ("depth", 16): {"tokenizer": {"modality": "depth", "base_channels": 16, "channel_mult": [1, 2, 2],
-                                  "depth_min": 0.5, "depth_max": 20.0},
-                    "training": {"steps": 800, "batch_size": 16, "lr": 2e-3}},
-    ("depth", 8): {"tokenizer": {"modality": "depth", "base_channels": 16, "channel_mult": [1, 2, 2, 4],
-                                 "depth_min": 0.5, "depth_max": 20.0},
-                   "training": {"steps": 800, "batch_size": 16, "lr": 2e-3}},
+    ("rgb", 16): {"tokenizer": {"modality": "rgb", "base_channels": 16, "channel_mult": [1, 2, 2]},
+                  "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
+    ("rgb", 8): {"tokenizer": {"modality": "rgb", "base_channels": 16, "channel_mult": [1, 2, 2, 4]},
+                 "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
+    ("depth", 16): {"tokenizer": {"modality": "depth", "base_channels": 16, "channel_mult": [1, 2, 2], **_SHAPES_DEPTH},
+                    "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
+    ("depth", 8): {"tokenizer": {"modality": "depth", "base_channels": 16, "channel_mult": [1, 2, 2, 4], **_SHAPES_DEPTH},
+                   "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
     ("semseg", 16): {"tokenizer": {"modality": "semseg", "base_channels": 16, "channel_mult": [1, 2, 2]},
-                     "training": {"steps": 800, "batch_size": 16, "lr": 2e-3}},
+                     "training": {"steps": 600, "batch_size": 8, "lr": 3e-3}},
     ("semseg", 8): {"tokenizer": {"modality": "semseg", "base_channels": 16, "channel_mult": [1, 2, 2, 4]},
-                    "training": {"steps": 800, "batch_size": 16, "lr": 2e-3}},
+                    "training": {"steps": 600, "batch_size": 8, "lr": 3e-3}},
 }
 DEFAULT_GRID_SIZE = 16
 
@@ -235,16 +235,16 @@ def train_vq_tokenizer(
     train_source: Source,
     val_source: Source | None,
     out_dir: str | Path | None,
-    steps: int = 1500,
-    batch_size: int = 32,
-    lr: float = 2e-3,
+    steps: int = 2000,
+    batch_size: int = 8,
+    lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
     max_train_samples: int | None = None,
     max_val_samples: int = 256,
     bf16: bool = False,
     diffusion_steps: int = 0,
-    diffusion_lr: float = 1e-3,
+    diffusion_lr: float = 2e-3,
 ) -> dict[str, Any]:
     """Train a :class:`~tokenizers_mm.vq.VQTokenizer` and return metrics (also written to ``out_dir/metrics.json``).
 
@@ -274,6 +274,12 @@ def train_vq_tokenizer(
             f"set image_size={data.shape[1]}"
         )
     logger.info("training %s tokenizer on %d images (%s) for %d steps", config.modality, len(data), data.shape[1:], steps)
+    if config.modality == "depth":
+        outside = float(np.mean((data < config.depth_min) | (data > config.depth_max)))
+        if outside > 0.01:
+            logger.warning("%.1f%% of the training depth pixels are outside [depth_min, depth_max] = [%g, %g] m and "
+                           "will be clamped; set tokenizer.depth_min / depth_max for this data",
+                           100 * outside, config.depth_min, config.depth_max)
 
     model = VQTokenizer(config).train()
     params = [p for n, p in model.named_parameters() if not n.startswith("diffusion_decoder.") and p.requires_grad]
@@ -378,3 +384,38 @@ def train_text_tokenizer(
     if out_dir is not None:
         tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def train_tokenizer_bundle(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    grid_size: int = DEFAULT_GRID_SIZE,
+    modalities: Sequence[str] = ("rgb", "depth", "semseg", "text"),
+    steps_scale: float = 1.0,
+    text_vocab_size: int = 1024,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a whole tokenizer bundle (``out_dir/<modality>/``) on a dataset directory with the recommended configs.
+
+    ``steps_scale`` multiplies every recommended step count (e.g. 0.5 for a quicker, slightly worse bundle).
+    Returns ``{modality: metrics}`` (image tokenizers: the ``train_vq_tokenizer`` result without the model;
+    text: ``{"vocab_size": V}``).
+    """
+    out_dir = Path(out_dir)
+    results: dict[str, Any] = {}
+    for modality in modalities:
+        if modality == "text":
+            tok = train_text_tokenizer(data_dir, out_dir / "text", vocab_size=text_vocab_size)
+            results["text"] = {"vocab_size": tok.vocab_size}
+            continue
+        cfg = load_vq_training_config(modality, data_dir=data_dir, grid_size=grid_size)
+        opts = cfg.training
+        result = train_vq_tokenizer(
+            cfg.tokenizer, data_dir, data_dir, out_dir / modality, steps=max(1, round(opts.steps * steps_scale)),
+            batch_size=opts.batch_size, lr=opts.lr, seed=seed, progress=progress,
+            max_train_samples=opts.max_train_samples, max_val_samples=opts.max_val_samples, bf16=opts.bf16,
+        )
+        result.pop("tokenizer", None)
+        results[modality] = result
+    return results
