@@ -192,8 +192,12 @@ def load_vq_training_config(
     tok["modality"] = modality
     if "resolution" in meta and not any(o.startswith("tokenizer.image_size=") for o in overrides):
         tok["image_size"] = int(meta["resolution"])
-    if modality == "semseg" and meta.get("semseg_classes") and not any(o.startswith("tokenizer.num_classes=") for o in overrides):
-        tok["num_classes"] = len(meta["semseg_classes"])
+    if modality == "semseg" and not any(o.startswith("tokenizer.num_classes=") for o in overrides):
+        if meta.get("semseg_classes"):
+            tok["num_classes"] = len(meta["semseg_classes"])
+        elif path is None:
+            raise ValueError("a semseg tokenizer needs the number of classes: pass tokenizer.num_classes=K or use a "
+                             "dataset whose meta.json lists semseg_classes")
     if diffusion:
         if modality != "rgb":
             raise ValueError("--diffusion-decoder is only available for --modality rgb")
