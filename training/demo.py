@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,14 +103,19 @@ def _tokenizer_configs(settings: DemoSettings, data_dir: Path) -> dict[str, Any]
 
 
 def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, progress: bool = True,
-             stop_after: str | None = None) -> dict[str, Any]:
+             stop_after: str | None = None, train_overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) the demo into ``out_dir``; returns ``{"stages": {name: seconds}, "results": {...},
-    "report": path}``. ``force`` re-runs every stage; ``stop_after`` ends after the named stage."""
+    "report": path}``. ``force`` re-runs every stage; ``stop_after`` ends after the named stage;
+    ``train_overrides``: extra dotted overrides of the training config (``optim.max_steps=100``)."""
+    import dataclasses
+
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     settings = PRESETS[preset]
+    if train_overrides:
+        settings = dataclasses.replace(settings, train_overrides=[*settings.train_overrides, *train_overrides])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = StageState(out / "demo_state.json")
@@ -135,7 +140,7 @@ def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, pro
         "data": lambda: _stage_data(settings, paths, progress),
         "tokenizers": lambda: _stage_tokenizers(settings, paths, progress),
         "tokenize": lambda: _stage_tokenize(paths, progress),
-        "train": lambda: _stage_train(settings, paths),
+        "train": lambda: _stage_train(settings, paths, keys["train"]),
         "eval": lambda: _stage_eval(settings, paths, progress),
     }
     timings: dict[str, float] = {}
@@ -198,9 +203,18 @@ def _stage_tokenize(paths: dict[str, Path], progress: bool) -> dict[str, Any]:
     return {k: result[k] for k in ("splits", "num_samples", "seconds") if k in result}
 
 
-def _stage_train(settings: DemoSettings, paths: dict[str, Path]) -> dict[str, Any]:
+def _stage_train(settings: DemoSettings, paths: dict[str, Path], key: str) -> dict[str, Any]:
+    import shutil
+
     from training.config import load_train_config
     from training.train import train
+
+    # checkpoints of a run with other settings (or on other tokens) must not be resumed: start that run afresh
+    marker = paths["run"] / "demo_train_key.txt"
+    if paths["run"].exists() and (not marker.is_file() or marker.read_text().strip() != key):
+        shutil.rmtree(paths["run"])
+    paths["run"].mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
 
     overrides = [
         f"tokenizers={paths['tokenizers']}",
@@ -244,13 +258,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="toy-size smoke run of every stage (about a minute)")
     parser.add_argument("--force", action="store_true", help="re-run every stage instead of reusing finished ones")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides of the training config, e.g. optim.max_steps=200")
 
 
 def run(args: argparse.Namespace) -> int:
     preset = "quick" if args.quick else "full"
     out = Path(args.out or ("runs/demo_quick" if args.quick else "runs/demo"))
     start = time.perf_counter()
-    summary = run_demo(out, preset=preset, force=args.force, progress=not args.no_progress)
+    summary = run_demo(out, preset=preset, force=args.force, progress=not args.no_progress,
+                       train_overrides=args.overrides)
     total = time.perf_counter() - start
     print("\nstage        seconds")
     for stage, seconds in summary["stages"].items():

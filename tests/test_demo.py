@@ -1,0 +1,80 @@
+"""`onemodel demo --quick`: every stage runs, results and report exist, stages are cached, a SIGKILL during
+model training resumes from the last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from onemodel.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_runs_every_stage(quick_demo: Path):
+    state = json.loads((quick_demo / "demo_state.json").read_text())
+    assert all(state[s]["done"] for s in ("data", "tokenizers", "tokenize", "train", "eval"))
+    results = json.loads((quick_demo / "eval" / "results.json").read_text())
+    for task in ("caption", "vqa", "depth", "semseg", "detection", "text_to_image"):
+        assert task in results, task
+    assert 0.0 <= results["vqa"]["accuracy"] <= 1.0
+    assert (quick_demo / "report" / "report.html").is_file()
+    assert (quick_demo / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_quick_demo_rerun_is_cached(quick_demo: Path, capsys):
+    before = json.loads((quick_demo / "demo_state.json").read_text())
+    start = time.perf_counter()
+    assert main(["demo", "--quick", "--no-progress", "--out", str(quick_demo)]) == 0
+    assert time.perf_counter() - start < 30
+    after = json.loads((quick_demo / "demo_state.json").read_text())
+    assert before == after  # nothing re-ran
+    assert "(cached)" in capsys.readouterr().out
+
+
+def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path):
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_demo, out)
+    # a longer training run than the quick one: the train stage (and eval after it) re-runs, the rest is cached
+    overrides = ["optim.max_steps=400", "checkpoint.every=3", "logging.eval_every=0"]
+    cmd = [sys.executable, "-m", "onemodel.cli", "demo", "--quick", "--no-progress", "--out", str(out), *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ckpts = out / "run" / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            done = [p for p in ckpts.glob("step_*") if not p.name.endswith(".tmp")] if ckpts.is_dir() else []
+            if any(int(p.name.split("_")[1]) >= 6 for p in done):
+                break
+            assert proc.poll() is None, "demo ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared in time")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads((out / "demo_state.json").read_text())
+    assert state["tokenize"]["done"]
+    summary = __import__("training.demo", fromlist=["run_demo"]).run_demo(
+        out, preset="quick", progress=False, stop_after="train", train_overrides=overrides)
+    info = summary["state"]["train"]["info"]
+    assert info["start_step"] >= 6, info  # resumed from a checkpoint, not from scratch
+    assert info["final_step"] == 400
+    assert summary["stages"]["tokenizers"] == 0.0  # cached
