@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,12 @@ def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
 
 def tiny_config(root: Path, out: Path, *extra: str):
     return load_train_config(None, tiny_overrides(root, out, *extra))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -212,7 +219,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tiny, tmp_path):
     config_file.write_text("{}")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "training.train",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "training.train",
            "--config", str(config_file), *tiny_overrides(tiny, tmp_path / "ddp", *extra)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

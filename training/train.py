@@ -125,10 +125,11 @@ def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: Tra
 
 
 def _reduce_sums(accelerator: Any, values: list[float]) -> list[float]:
-    """Sum a list of floats over processes (float64 on the accelerator device)."""
+    """Sum a list of floats over processes (on the accelerator device)."""
     import torch
 
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
+    t = torch.tensor(values, dtype=dtype, device=accelerator.device)
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t.tolist()
