@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import pytest
 import torch
 
 from onemodel.masking import MaskingConfig, TextSpecialIds
-from onemodel.modalities import Modality
 from training.loader import MaskedStream, build_train_loader, build_val_batches, load_source
 
 from test_train import build_tiny_pipeline

@@ -2,7 +2,7 @@
 
 Design: the training stream is a **pure function of the global sample index** ``g``. Sample ``g`` draws its
 source (by the mixture weights) and an item of that source (uniformly, with replacement) and is masked, all
-from one generator seeded with ``(seed, stream, g)``. The global batch of optimizer step ``s`` is the samples
+from one generator seeded with ``(data.seed, masking.seed, stream, g)``. The global batch of optimizer step ``s`` is the samples
 ``s * batch_size ... (s + 1) * batch_size - 1``, cut into micro-batches of ``micro_batch_size`` ("slots");
 process ``rank`` takes slots ``a * num_processes + rank`` for accumulation step ``a``. So:
 
