@@ -49,6 +49,7 @@ def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path
 
     out = tmp_path / "demo"
     shutil.copytree(quick_demo, out)
+    shutil.rmtree(out / "run")  # only checkpoints of the killed run may count below
     # a longer training run than the quick one: the train stage (and eval after it) re-runs, the rest is cached
     overrides = ["optim.max_steps=400", "checkpoint.every=3", "logging.eval_every=0"]
     cmd = [sys.executable, "-m", "onemodel.cli", "demo", "--quick", "--no-progress", "--out", str(out), *overrides]

@@ -42,7 +42,7 @@ class DemoSettings:
     num_val: int = 200
     num_test: int = 200
     grid_size: int = 8  # tokens per side of the image tokenizers (8 or 16 for 64x64 images)
-    # per tokenizer overrides of the recommended training options, e.g. {"rgb": {"steps": 40}}
+    # per tokenizer dotted overrides of the recommended config, e.g. {"rgb": {"training.steps": 40}}
     tokenizer_training: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_vocab_size: int = 512
     train_config: str = str(CONFIG_DIR / "demo.yaml")
@@ -56,7 +56,9 @@ PRESETS: dict[str, DemoSettings] = {
     "full": DemoSettings(),
     "quick": DemoSettings(
         num_train=160, num_val=16, num_test=16,
-        tokenizer_training={m: {"steps": 40, "max_val_samples": 16} for m in ("rgb", "depth", "semseg")},
+        tokenizer_training={m: {"training.steps": 15, "training.batch_size": 4, "training.max_val_samples": 16,
+                                "tokenizer.base_channels": 8, "tokenizer.codebook_size": 128}
+                            for m in ("rgb", "depth", "semseg")},
         text_vocab_size=256,
         train_overrides=[
             "optim.max_steps=30", "optim.warmup_steps=5", "optim.batch_size=16",
@@ -96,7 +98,7 @@ def _tokenizer_configs(settings: DemoSettings, data_dir: Path) -> dict[str, Any]
 
     out = {}
     for modality in ("rgb", "depth", "semseg"):
-        overrides = [f"training.{k}={v}" for k, v in settings.tokenizer_training.get(modality, {}).items()]
+        overrides = [f"{k}={v}" for k, v in settings.tokenizer_training.get(modality, {}).items()]
         out[modality] = load_vq_training_config(modality, overrides=overrides, data_dir=data_dir,
                                                 grid_size=settings.grid_size)
     return out
