@@ -51,6 +51,11 @@ def bench(tokenizers: dict, batch_size: int, repeats: int) -> list[dict]:
                          "batch": batch_size,
                          "encode_per_s": _median_rate(lambda: tok.encode(images), batch_size, repeats),
                          "decode_per_s": _median_rate(lambda: tok.decode(ids), batch_size, repeats)})
+            if getattr(tok, "diffusion_decoder", None) is not None:  # 25 DDIM steps: slow, so a small batch
+                few = ids[:8]
+                rows.append({"tokenizer": f"{name}+diffusion", "grid": rows[-1]["grid"], "vocab": tok.vocab_size,
+                             "batch": len(few), "encode_per_s": rows[-1]["encode_per_s"],
+                             "decode_per_s": _median_rate(lambda: tok.decode(few, use_diffusion=True), len(few), 1)})
     return rows
 
 
