@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -75,8 +76,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_vq_training_config(args.modality, path=args.config, overrides=overrides, data_dir=args.data,
                                   grid_size=args.grid_size, diffusion=args.diffusion_decoder)
     opts = cfg.training
+    data = Path(args.data)
+    if (data / "val").is_dir():
+        val_source: Path | None = data
+    elif (data / "train").is_dir():
+        print(f"note: {data} has no val/ split: no round-trip metrics")
+        val_source = None
+    else:
+        print(f"note: {data} has no train/ and val/ splits: round-trip metrics are measured on the training shards")
+        val_source = data
     result = train_vq_tokenizer(
-        cfg.tokenizer, args.data, args.data, args.out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
+        cfg.tokenizer, data, val_source, args.out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
         seed=opts.seed, progress=not args.no_progress, max_train_samples=opts.max_train_samples,
         max_val_samples=opts.max_val_samples, bf16=opts.bf16,
         diffusion_steps=opts.diffusion_steps if cfg.tokenizer.diffusion is not None else 0,
