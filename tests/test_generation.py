@@ -30,7 +30,7 @@ def model() -> OneModel:
     )
     torch.manual_seed(0)
     # a larger init std than training's so that a random model's outputs depend on its inputs
-    m = OneModel(OneModelConfig(modalities=mods, dim=32, encoder_depth=2, decoder_depth=2, num_heads=2, init_std=0.3))
+    m = OneModel(OneModelConfig(modalities=mods, dim=32, encoder_depth=2, decoder_depth=2, num_heads=2, init_std=0.3, init="trunc_normal"))
     return m.eval()
 
 

@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
     bundle = _bundle(samples)
     mods = tuple(Modality(**s) for s in bundle.modalities({"caption": 24, "question": 12, "answer": 4, "det": 16}))
     torch.manual_seed(0)
-    model = OneModel(OneModelConfig(modalities=mods, dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, init_std=0.2))
+    model = OneModel(OneModelConfig(modalities=mods, dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, init_std=0.2, init="trunc_normal"))
     run = tmp_path_factory.mktemp("run")
     model.save_pretrained(run / "model")
     bundle.save_pretrained(run / "model" / "tokenizers")

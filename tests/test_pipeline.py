@@ -62,7 +62,7 @@ def bundle(samples):
 def pipe(bundle):
     mods = tuple(Modality(**s) for s in bundle.modalities({"caption": 40, "question": 16, "answer": 6, "det": 24}))
     torch.manual_seed(0)
-    model = OneModel(OneModelConfig(modalities=mods, dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, init_std=0.2))
+    model = OneModel(OneModelConfig(modalities=mods, dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, init_std=0.2, init="trunc_normal"))
     return OneModelPipeline(model, bundle, device="cpu")
 
 

@@ -234,3 +234,19 @@ def test_make_shapes_dataset_is_cached(tmp_path):
     assert not other["cached"] and other["splits"]["train"] == 4
     (out / "val" / "shard-000000.tar").unlink()  # damaged dataset -> regenerated
     assert not S.make_shapes_dataset(out, 4, 2, 2, resolution=32, samples_per_shard=3, progress=False)["cached"]
+
+
+def test_depth_follows_the_ground_plane():
+    """Depth is readable from the image: each shape's depth is that of its base line (lower = nearer)."""
+    from training.data.shapes import SHAPE_DEPTH_RANGE, generate_split, shape_depth
+
+    for sample in generate_split("val", 40):
+        shapes = sample["scene"]["shapes"]
+        for s in shapes:
+            expected = shape_depth(s["center"][1] + s["extent"], 64)
+            assert s["depth"] == expected and SHAPE_DEPTH_RANGE[0] <= expected <= SHAPE_DEPTH_RANGE[1]
+        bases = [s["center"][1] + s["extent"] for s in shapes]
+        order_by_base = sorted(range(len(shapes)), key=lambda i: -bases[i])
+        order_by_depth = sorted(range(len(shapes)), key=lambda i: shapes[i]["depth"])
+        assert order_by_base == order_by_depth
+    assert shape_depth(64, 64) == SHAPE_DEPTH_RANGE[0] and shape_depth(0, 64) == SHAPE_DEPTH_RANGE[1]

@@ -46,6 +46,29 @@ def test_config_validation():
         VQTokenizerConfig(modality="depth", diffusion={})
     with pytest.raises(ValueError, match="unknown"):
         VQTokenizerConfig.from_dict({"modality": "rgb", "codebook": 3})
+    with pytest.raises(ValueError, match="encoder must be"):
+        VQTokenizerConfig(encoder="vit")
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only(scenes):
+    """encoder="patch": changing pixels outside token p's patch leaves code p unchanged (and changing the patch
+    itself changes its latent); the conv encoder has no such guarantee."""
+    torch.manual_seed(0)
+    tok = VQTokenizer(tiny_config("rgb", encoder="patch", kmeans_init=False)).eval()
+    f = tok.config.downsample_factor
+    image = batch_of(scenes, "rgb")[0].copy()
+    other = image.copy()
+    other[:, :f] = 255 - other[:, :f]  # repaint the first column of patches
+    with torch.no_grad():
+        z1 = tok.encoder(tok.preprocess(image[None]))
+        z2 = tok.encoder(tok.preprocess(other[None]))
+    changed = (z1 - z2).abs().amax(dim=1)[0] > 1e-6  # (g, g) which latents moved
+    assert changed[:, 0].all() and not changed[:, 1:].any()
+    assert torch.equal(tok.encode(image).view(tok.grid_size, -1)[:, 1:], tok.encode(other).view(tok.grid_size, -1)[:, 1:])
+    conv = VQTokenizer(tiny_config("rgb", kmeans_init=False)).eval()
+    with torch.no_grad():
+        leak = (conv.encoder(conv.preprocess(image[None])) - conv.encoder(conv.preprocess(other[None]))).abs().amax(dim=1)[0]
+    assert (leak[:, 1] > 1e-6).any()  # the conv encoder's column 1 sees column 0
 
 
 @pytest.mark.parametrize("modality", ["rgb", "depth", "semseg"])
@@ -84,13 +107,15 @@ def test_save_load_identical_codes(scenes, tmp_path, quantizer):
 
 @pytest.mark.parametrize(
     "modality,quantizer",
-    [("rgb", "vq"), ("depth", "vq"), ("semseg", "vq"), ("semseg", "fsq")],
+    [("rgb", "vq"), ("depth", "vq"), ("semseg", "vq"), ("semseg", "fsq"), ("depth", "patch")],
 )
 def test_overfit_round_trip(scenes, modality, quantizer):
-    """A tiny tokenizer overfit on 6 scenes reconstructs them within tolerance."""
-    config = tiny_config(modality, quantizer=quantizer, fsq_levels=[8, 5, 5])
+    """A tiny tokenizer overfit on 6 scenes reconstructs them within tolerance ("patch": VQ + patch encoder)."""
+    encoder = "patch" if quantizer == "patch" else "conv"
+    quantizer = "vq" if quantizer == "patch" else quantizer
+    config = tiny_config(modality, quantizer=quantizer, fsq_levels=[8, 5, 5], encoder=encoder)
     data = batch_of(scenes, modality)
-    result = train_vq_tokenizer(config, data, data, None, steps=150, batch_size=6, lr=1e-2, seed=0, progress=False)
+    result = train_vq_tokenizer(config, data, data, None, steps=250, batch_size=6, lr=1e-2, seed=0, progress=False)
     tok = result["tokenizer"]
     recon = tok.reconstruct(data)
     # 16x16 scenes are nearly all edges, so the tolerances are loose; an untrained tokenizer is far below each

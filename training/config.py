@@ -51,6 +51,9 @@ class ModelSection:
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    init: Literal["xavier", "trunc_normal"] = "xavier"
+    embed_init_std: float = 1.0
+    aligned_context: bool = True
     learned_positions: bool = False
     tie_embeddings: bool = False
     gradient_checkpointing: bool = False  # recompute block activations in backward (training-only, not saved)
