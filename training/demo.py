@@ -127,9 +127,14 @@ def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, pro
     }
     # each stage's key covers its own settings and the keys of the stages before it
     keys: dict[str, str] = {}
+    from training.data.shapes import GENERATOR_VERSION
+    from training.tokenizer_training import RECOMMENDED
+
+    recommended = {m: RECOMMENDED.get((m, settings.grid_size)) for m in ("rgb", "depth", "semseg")}
     stage_settings = {
-        "data": [settings.resolution, settings.num_train, settings.num_val, settings.num_test],
-        "tokenizers": [settings.grid_size, settings.tokenizer_training, settings.text_vocab_size, settings.seed],
+        "data": [settings.resolution, settings.num_train, settings.num_val, settings.num_test, GENERATOR_VERSION],
+        "tokenizers": [settings.grid_size, settings.tokenizer_training, settings.text_vocab_size, settings.seed,
+                       recommended],
         "tokenize": [],
         "train": [Path(settings.train_config).read_text(), settings.train_overrides],
         "eval": [settings.eval_limit, settings.eval_batch_size, settings.seed],
@@ -142,7 +147,7 @@ def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, pro
         "data": lambda: _stage_data(settings, paths, progress),
         "tokenizers": lambda: _stage_tokenizers(settings, paths, progress),
         "tokenize": lambda: _stage_tokenize(paths, progress),
-        "train": lambda: _stage_train(settings, paths, keys["train"]),
+        "train": lambda: _stage_train(settings, paths, keys["train"], progress),
         "eval": lambda: _stage_eval(settings, paths, progress),
     }
     timings: dict[str, float] = {}
@@ -190,23 +195,51 @@ def _stage_tokenizers(settings: DemoSettings, paths: dict[str, Path], progress: 
         torch.set_num_threads(previous_threads)
 
 
-def _train_bundle(settings: DemoSettings, paths: dict[str, Path], progress: bool) -> dict[str, Any]:
-    import shutil
+def _train_one_tokenizer(modality: str, cfg: Any, data: str, out: str, seed: int, progress: bool) -> dict[str, Any]:
+    """Train one VQ tokenizer on one torch thread (run in a worker process by ``_train_bundle``)."""
+    import torch
 
-    from training.tokenizer_training import train_text_tokenizer, train_vq_tokenizer
+    from training.tokenizer_training import train_vq_tokenizer
+
+    torch.set_num_threads(1)
+    opts = cfg.training
+    result = train_vq_tokenizer(
+        cfg.tokenizer, data, data, out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
+        progress=progress, bf16=opts.bf16, max_train_samples=opts.max_train_samples,
+        max_val_samples=opts.max_val_samples,
+    )
+    return {k: v for k, v in result.items() if k != "tokenizer"}
+
+
+def _train_bundle(settings: DemoSettings, paths: dict[str, Path], progress: bool) -> dict[str, Any]:
+    """The three VQ tokenizers (+ the text one). With 2+ cores they train in two worker processes of one thread
+    each: rgb (the longest) in one, depth and semseg in the other; same results as one after the other (each is
+    seeded on its own), about half the wall time."""
+    import multiprocessing
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    from training.tokenizer_training import train_text_tokenizer
 
     bundle = paths["tokenizers"]
     if bundle.exists():
         shutil.rmtree(bundle)
+    configs = _tokenizer_configs(settings, paths["data"])
+    data = str(paths["data"])
+    jobs = {m: (m, cfg, data, str(bundle / m), settings.seed) for m, cfg in configs.items()}
     info: dict[str, Any] = {}
-    for modality, cfg in _tokenizer_configs(settings, paths["data"]).items():
-        opts = cfg.training
-        result = train_vq_tokenizer(
-            cfg.tokenizer, paths["data"], paths["data"], bundle / modality, steps=opts.steps,
-            batch_size=opts.batch_size, lr=opts.lr, seed=settings.seed, progress=progress, bf16=opts.bf16,
-            max_train_samples=opts.max_train_samples, max_val_samples=opts.max_val_samples,
-        )
-        info[modality] = {k: v for k, v in result.items() if k != "tokenizer"}
+    if (os.cpu_count() or 1) >= 2:
+        # spawn: a fresh interpreter per worker (no forked torch thread pools); rgb shows the progress bar
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {m: pool.submit(_train_one_tokenizer, *jobs[m], progress and m == "rgb") for m in ("rgb",)}
+            rest = [m for m in configs if m != "rgb"]
+            futures.update({m: pool.submit(_train_one_tokenizer, *jobs[m], False) for m in rest})
+            for m, future in futures.items():
+                info[m] = future.result()
+                logger.info("%s tokenizer: %s", m, info[m].get("val"))
+    else:
+        for m in configs:
+            info[m] = _train_one_tokenizer(*jobs[m], progress)
     train_text_tokenizer(paths["data"], bundle / "text", vocab_size=settings.text_vocab_size)
     return info
 
@@ -218,7 +251,7 @@ def _stage_tokenize(paths: dict[str, Path], progress: bool) -> dict[str, Any]:
     return {k: result[k] for k in ("splits", "num_samples", "seconds") if k in result}
 
 
-def _stage_train(settings: DemoSettings, paths: dict[str, Path], key: str) -> dict[str, Any]:
+def _stage_train(settings: DemoSettings, paths: dict[str, Path], key: str, progress: bool = True) -> dict[str, Any]:
     import shutil
 
     from training.config import load_train_config
@@ -237,6 +270,7 @@ def _stage_train(settings: DemoSettings, paths: dict[str, Path], key: str) -> di
         f"checkpoint.out_dir={paths['run']}",
         f"seed={settings.seed}",
         *settings.train_overrides,
+        *([] if progress else ["logging.progress_bar=false"]),
     ]
     config = load_train_config(settings.train_config, overrides)
     # resume=True continues an interrupted run from its last complete checkpoint (fresh start when none)

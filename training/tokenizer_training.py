@@ -122,16 +122,19 @@ _SHAPES_DEPTH = {"depth_min": 0.5, "depth_max": 20.0}  # shapes depth is 1-10 m;
 RECOMMENDED: dict[tuple[str, int], dict[str, Any]] = {
     ("rgb", 16): {"tokenizer": {"modality": "rgb", "base_channels": 16, "channel_mult": [1, 2, 2]},
                   "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
-    ("rgb", 8): {"tokenizer": {"modality": "rgb", "base_channels": 16, "channel_mult": [1, 2, 2, 4]},
-                 "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
+    # 8x8 (the demo's grids): patch encoders, so that a patch always gets the same code (easy tokens for the model)
+    ("rgb", 8): {"tokenizer": {"modality": "rgb", "base_channels": 16, "channel_mult": [1, 2, 2, 4], "encoder": "patch"},
+                 "training": {"steps": 1500, "batch_size": 8, "lr": 3e-3}},
     ("depth", 16): {"tokenizer": {"modality": "depth", "base_channels": 16, "channel_mult": [1, 2, 2], **_SHAPES_DEPTH},
                     "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
-    ("depth", 8): {"tokenizer": {"modality": "depth", "base_channels": 16, "channel_mult": [1, 2, 2, 4], **_SHAPES_DEPTH},
-                   "training": {"steps": 2000, "batch_size": 8, "lr": 3e-3}},
+    ("depth", 8): {"tokenizer": {"modality": "depth", "base_channels": 8, "channel_mult": [1, 2, 2, 4], "encoder": "patch",
+                                 "codebook_size": 256, **_SHAPES_DEPTH},
+                   "training": {"steps": 1000, "batch_size": 8, "lr": 3e-3}},
     ("semseg", 16): {"tokenizer": {"modality": "semseg", "base_channels": 16, "channel_mult": [1, 2, 2]},
                      "training": {"steps": 600, "batch_size": 8, "lr": 3e-3}},
-    ("semseg", 8): {"tokenizer": {"modality": "semseg", "base_channels": 16, "channel_mult": [1, 2, 2, 4]},
-                    "training": {"steps": 600, "batch_size": 8, "lr": 3e-3}},
+    ("semseg", 8): {"tokenizer": {"modality": "semseg", "base_channels": 8, "channel_mult": [1, 2, 2, 4], "encoder": "patch",
+                                  "codebook_size": 256},
+                    "training": {"steps": 400, "batch_size": 8, "lr": 3e-3}},
 }
 DEFAULT_GRID_SIZE = 16
 
