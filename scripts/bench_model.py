@@ -145,8 +145,11 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
     device = args.device
     mods = modalities(args)
     spec = make_spec(args)
+    # init="trunc_normal": the same N(0, 0.02) init as the 4M-style baseline, so both start at loss ~ln(V)
+    # (init does not change the speed; the default init starts residual branches at zero)
     cfg = OneModelConfig(modalities=mods, dim=args.dim, encoder_depth=args.depth, decoder_depth=args.depth,
-                         num_heads=args.heads, attention=backend if impl == "onemodel" else "sdpa")
+                         num_heads=args.heads, attention=backend if impl == "onemodel" else "sdpa",
+                         init="trunc_normal")
     flops_model = OneModel(cfg)
     flops_per_token = flops_model.flops_per_token(args.inputs, args.targets,
                                                   vocab=(args.grid_vocab + args.text_vocab) / 2)

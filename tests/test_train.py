@@ -160,6 +160,14 @@ def test_fresh_run_refuses_existing_checkpoints(tiny, tmp_path):
     assert done["steps"] == 0 and done["start_step"] == 2
 
 
+def test_runs_with_other_precisions_in_one_process(tiny, tmp_path):
+    """accelerate refuses a second Accelerator with another mixed precision; train() resets that state."""
+    bf16 = train(tiny_config(tiny, tmp_path / "bf16", "optim.max_steps=2", "optim.mixed_precision=bf16"))
+    fp32 = train(tiny_config(tiny, tmp_path / "fp32", "optim.max_steps=2", "optim.mixed_precision=no"))
+    assert bf16["steps"] == fp32["steps"] == 2
+    assert bf16["train_loss"] != fp32["train_loss"]  # the first bf16 step already rounds differently
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     ckpt = tmp_path / "checkpoints"
     (ckpt / "step_000005").mkdir(parents=True)

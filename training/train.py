@@ -198,6 +198,13 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     micro, accum = derived["micro_batch_size"], derived["grad_accum_steps"]
     text_ids = TextSpecialIds.coerce(bundle.text) if "text" in bundle else None
     optim, log_cfg, ckpt_cfg = config.optim, config.logging, config.checkpoint
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
+    # train() may run several times in one process (the demo, notebooks, tests): drop the previous precision
+    # setting (the process group, PartialState, is kept)
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != optim.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=optim.mixed_precision,
