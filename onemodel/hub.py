@@ -74,6 +74,8 @@ def load_config(directory: str | Path):
     version = data.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this onemodel reads version {FORMAT_VERSION}")
+    # written before the aligned context existed (2026-11-25): those models have no aligned_proj weights
+    data.setdefault("aligned_context", False)
     return OneModelConfig.from_dict(data)
 
 

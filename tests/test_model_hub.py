@@ -41,6 +41,20 @@ def test_save_load_gives_bit_identical_logits(tmp_path, tie):
         assert torch.equal(a.logits[name], c.logits[name])
 
 
+def test_model_saved_before_the_aligned_context_still_loads(tmp_path):
+    """config.json files written before ``aligned_context`` existed lack the key (and the weights): they load as
+    aligned_context=False with identical logits; a current save always writes the key."""
+    model = tiny(aligned_context=False)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg.pop("aligned_context") is False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = OneModel.from_pretrained(tmp_path)
+    assert loaded.config.aligned_context is False and loaded.aligned_proj is None
+    b = _batch()
+    assert torch.equal(model(b).logits["rgb"], loaded(b).logits["rgb"])
+
+
 def test_unknown_config_key_is_refused_with_its_name(tmp_path):
     tiny().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
