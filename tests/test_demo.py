@@ -79,3 +79,14 @@ def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path
     assert info["start_step"] >= 6, info  # resumed from a checkpoint, not from scratch
     assert info["final_step"] == 400
     assert summary["stages"]["tokenizers"] == 0.0  # cached
+
+
+def test_bad_training_override_fails_before_any_stage(tmp_path: Path):
+    from onemodel.config import ConfigError
+    from training.demo import run_demo
+
+    with pytest.raises(ConfigError, match="optim.nope"):
+        run_demo(tmp_path / "out", preset="quick", progress=False, train_overrides=["optim.nope=3"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unknown demo preset"):
+        run_demo(tmp_path / "out", preset="huge")

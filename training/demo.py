@@ -118,6 +118,9 @@ def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, pro
     settings = PRESETS[preset]
     if train_overrides:
         settings = dataclasses.replace(settings, train_overrides=[*settings.train_overrides, *train_overrides])
+        from training.config import load_train_config
+
+        load_train_config(settings.train_config, list(settings.train_overrides))  # bad overrides fail now, not in stage 4
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = StageState(out / "demo_state.json")
