@@ -141,3 +141,21 @@ def test_text_to_boxes_tolerates_malformed_text():
         boxes_to_text([{"box": [5, 5, 1, 1], "label": "x"}], 64)
     with pytest.raises(ValueError):
         boxes_to_text([{"box": [1, 1, 5, 5]}], 64)
+
+
+def test_training_is_deterministic_and_open_vocabularies_use_subwords(samples, tok):
+    """Closed vocabulary (every word fits): whole words, identical across trainings (the WordPiece trainer breaks
+    count ties in hash order). More distinct words than the budget: subwords from the WordPiece trainer, and any
+    ASCII text still round-trips."""
+    texts = [s["caption"] for s in samples]
+    a, b = (TextTokenizer.train(texts, vocab_size=600, num_sentinels=8, num_loc_bins=64,
+                                class_names=["circle", "square", "triangle"]) for _ in range(2))
+    assert a._tok.to_str() == b._tok.to_str()
+    assert a.encode("a small red circle.").shape[1] == 5  # 4 whole words + eos
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=6)) for _ in range(400)]
+    open_vocab = TextTokenizer.train([" ".join(words[i:i + 8]) for i in range(0, 400, 4)], vocab_size=260,
+                                     num_sentinels=8, num_loc_bins=64)
+    assert open_vocab.vocab_size <= 300  # the trainer's budget (+ nothing added), far fewer than 400 words
+    held_out = "jihgfe abcdef deadbeef!"
+    assert open_vocab.decode(open_vocab.encode(held_out))[0] == held_out

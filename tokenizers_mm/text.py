@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import string
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,27 +122,53 @@ class TextTokenizer(ModalityTokenizer):
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
         if not texts:
             raise ValueError("no non-empty texts to train the text tokenizer on")
-        tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
-        tok.normalizer = _normalizer()
+        alphabet = sorted(set(string.printable) - set(string.whitespace) - set(string.ascii_uppercase))
+        specials = _special_tokens(num_sentinels, num_loc_bins)
+        # A closed vocabulary (every distinct word fits, as in the shapes data): whole words, most frequent first,
+        # ties by spelling, after the specials and the spelling alphabet. Deterministic, unlike the WordPiece
+        # trainer, whose merges break count ties in hash-map order (measured: two runs on the same captions gave
+        # different vocabularies, so the demo's token ids changed from run to run).
+        normalizer = _normalizer()
+        counts = Counter(w for t in texts for w in normalizer.normalize_str(t).split())
+        counts.update({name: min_frequency for name in config.class_names})
+        base = [*specials, *alphabet, *(f"##{c}" for c in alphabet)]
+        words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_frequency and w not in set(base)]
+        if len(base) + len(words) <= vocab_size:
+            vocab = {token: i for i, token in enumerate([*base, *words])}
+            tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
+            tok.add_special_tokens(specials)
+        else:
+            tok = cls._train_wordpiece(texts, config, alphabet, specials, vocab_size, min_frequency)
+        tok.normalizer = normalizer
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-        alphabet = sorted(set(string.printable) - set(string.whitespace) - set(string.ascii_uppercase))
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-            special_tokens=_special_tokens(num_sentinels, num_loc_bins), initial_alphabet=alphabet,
-            continuing_subword_prefix="##",
-        )
-        # every ASCII character, word-initial and word-internal ("##c"), so any ASCII word can be spelled;
-        # class names are appended (several times) so they earn whole-word entries even in a small corpus
-        spelling = [" ".join(alphabet), " ".join("a" + c for c in alphabet)] * max(1, min_frequency)
-        corpus = texts + spelling + [" ".join(config.class_names)] * max(8, min_frequency)
-        tok.train_from_iterator(corpus, trainer=trainer)
         for name in config.class_names:
             if len(tok.encode(name, add_special_tokens=False).ids) != 1:
                 tok.add_tokens([AddedToken(name, single_word=True, normalized=True)])
         out = cls(tok, config)
         logger.info("trained text tokenizer: %d tokens (requested %d)", out.vocab_size, vocab_size)
         return out
+
+    @staticmethod
+    def _train_wordpiece(texts: list[str], config: "TextTokenizerConfig", alphabet: list[str], specials: list[str],
+                         vocab_size: int, min_frequency: int) -> Any:
+        """Subword vocabulary with the ``tokenizers`` WordPiece trainer (open vocabularies: more distinct words
+        than ``vocab_size``). Its merges may differ between runs where pair counts tie."""
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+        tok.normalizer = _normalizer()
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+            special_tokens=specials, initial_alphabet=alphabet, continuing_subword_prefix="##",
+        )
+        # every ASCII character, word-initial and word-internal ("##c"), so any ASCII word can be spelled;
+        # class names are appended (several times) so they earn whole-word entries even in a small corpus
+        spelling = [" ".join(alphabet), " ".join("a" + c for c in alphabet)] * max(1, min_frequency)
+        corpus = texts + spelling + [" ".join(config.class_names)] * max(8, min_frequency)
+        tok.train_from_iterator(corpus, trainer=trainer)
+        return tok
 
     # -- properties ----------------------------------------------------------------------------------------------
     @property
