@@ -61,7 +61,8 @@ class OneModelConfig:
         linear map, the mean encoder output of the input slots at the same position of grids of the same size
         (rgb at (r, c), and semseg at (r, c) when given). Cross-attention can learn this alignment itself, but
         only after a long plateau: measured on shapes rgb -> semseg (dim 192, 3+3 layers), the loss sat at the
-        marginal for 200+ steps without it (docs/internals.md). Sequence targets are unaffected.
+        marginal for 200+ steps without it (docs/internals.md). Sequence slots have no match: they only get
+        the projection's bias, a learned constant.
     init: weight init of the linear layers, "xavier" (default, MAE / 4M) or "trunc_normal" (N(0, init_std)).
     embed_init_std: std of the token table at init (default 1, the scale of the sin-cos positions it is added
         to). Measured on a position-copy task (target token p = input token p), dim 64, 1+1 layers: the former

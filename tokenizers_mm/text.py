@@ -132,7 +132,8 @@ class TextTokenizer(ModalityTokenizer):
         counts = Counter(w for t in texts for w in normalizer.normalize_str(t).split())
         counts.update({name: min_frequency for name in config.class_names})
         base = [*specials, *alphabet, *(f"##{c}" for c in alphabet)]
-        words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_frequency and w not in set(base)]
+        in_base = set(base)
+        words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_frequency and w not in in_base]
         if len(base) + len(words) <= vocab_size:
             vocab = {token: i for i, token in enumerate([*base, *words])}
             tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))

@@ -198,13 +198,17 @@ def _stage_tokenizers(settings: DemoSettings, paths: dict[str, Path], progress: 
         torch.set_num_threads(previous_threads)
 
 
-def _train_one_tokenizer(modality: str, cfg: Any, data: str, out: str, seed: int, progress: bool) -> dict[str, Any]:
-    """Train one VQ tokenizer on one torch thread (run in a worker process by ``_train_bundle``)."""
+def _one_torch_thread() -> None:
+    """Worker initializer of ``_train_bundle``: each tokenizer worker uses one torch thread."""
     import torch
 
+    torch.set_num_threads(1)
+
+
+def _train_one_tokenizer(modality: str, cfg: Any, data: str, out: str, seed: int, progress: bool) -> dict[str, Any]:
+    """Train one VQ tokenizer (in a worker process of ``_train_bundle``, or in-process on one core)."""
     from training.tokenizer_training import train_vq_tokenizer
 
-    torch.set_num_threads(1)
     opts = cfg.training
     result = train_vq_tokenizer(
         cfg.tokenizer, data, data, out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
@@ -232,11 +236,11 @@ def _train_bundle(settings: DemoSettings, paths: dict[str, Path], progress: bool
     jobs = {m: (m, cfg, data, str(bundle / m), settings.seed) for m, cfg in configs.items()}
     info: dict[str, Any] = {}
     if (os.cpu_count() or 1) >= 2:
-        # spawn: a fresh interpreter per worker (no forked torch thread pools); rgb shows the progress bar
-        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {m: pool.submit(_train_one_tokenizer, *jobs[m], progress and m == "rgb") for m in ("rgb",)}
-            rest = [m for m in configs if m != "rgb"]
-            futures.update({m: pool.submit(_train_one_tokenizer, *jobs[m], False) for m in rest})
+        # spawn: a fresh interpreter per worker (no forked torch thread pools); rgb (submitted first: configs
+        # are in rgb, depth, semseg order) shows the progress bar
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_one_torch_thread) as pool:
+            futures = {m: pool.submit(_train_one_tokenizer, *jobs[m], progress and m == "rgb") for m in configs}
             for m, future in futures.items():
                 info[m] = future.result()
                 logger.info("%s tokenizer: %s", m, info[m].get("val"))

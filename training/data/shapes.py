@@ -150,7 +150,6 @@ def shape_depth(base_y: float, resolution: int) -> float:
     near, far = SHAPE_DEPTH_RANGE
     frac = min(max(float(base_y) / resolution, 0.0), 1.0)
     return round(far - (far - near) * frac, 2)
-    return shapes
 
 
 def _render(shapes: list[dict[str, Any]], resolution: int, background: tuple[int, int, int]):
