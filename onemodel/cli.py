@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# count arguments of every subcommand (argparse dest -> smallest valid value); checked before any work
+COUNT_ARGS: dict[str, int] = {
+    "num": 1, "samples_per_shard": 1, "batch_size": 1, "steps": 1, "threads": 1, "limit": 1, "resolution": 1,
+    "vocab_size": 1, "num_val": 0, "num_test": 0, "examples": 0, "diffusion_steps": 0, "top_k": 0,
+}
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """``ValueError`` for a count argument below its minimum (e.g. ``data shapes --num 0``)."""
+    for dest, low in COUNT_ARGS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < low:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -60,12 +75,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_counts(args)
         return int(args._run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as err:
         # User mistakes: one clear line, no traceback (use -v for the traceback).
         if args.verbose:
             raise
         print(f"onemodel {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # Disk and permission problems not already reported as an OutputPathError (a ValueError): one line too.
+        import errno
+
+        if args.verbose or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                             errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EFBIG):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"onemodel {args.command}: error: {err.strerror}{where}; check the path and free space, "
+              "or choose another path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -34,6 +34,8 @@ __all__ = [
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="trained run directory (or its model/ directory)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut text inputs longer than the model's max_length (with a warning) instead of failing")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="decoding steps for image-like targets (default 8)")
     g.add_argument("--schedule", choices=("maskgit", "random"), default=None, help="grid schedule (default maskgit)")
@@ -48,6 +50,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": args.seed}
+    if getattr(args, "truncate", False):
+        out["truncate"] = True
     for name in ("steps", "schedule", "temperature", "top_k", "top_p", "guidance_scale"):
         value = getattr(args, name, None)
         if value is not None:
@@ -115,56 +119,63 @@ def _read_input_value(pipe, name: str, value: str) -> Any:
 
 
 def write_outputs(pipe, result: dict[str, Any], inputs: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write generated values as files (PNG / NPY / JSON); return the written paths."""
+    """Write generated values as files (PNG / NPY / JSON) into ``out_dir``; return the written paths.
+
+    All files are staged beside ``out_dir`` and moved in only when every one is complete (``io_atomic``): a
+    failure (full disk, ...) leaves ``out_dir`` as it was and creates nothing."""
     import numpy as np
     from PIL import Image
 
     from onemodel.pipeline_inputs import colorize_depth, draw_boxes, palette_image
+    from tokenizers_mm.io_atomic import atomic_directory, save_image, save_npy, write_json
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    names: list[str] = []
     text_out: dict[str, Any] = {}
-    for name, value in result.items():
-        if name == "rgb":
-            value.save(out_dir / "rgb.png")
-            written.append(out_dir / "rgb.png")
-        elif name == "depth":
-            np.save(out_dir / "depth.npy", value)
-            colorize_depth(value).save(out_dir / "depth.png")
-            written += [out_dir / "depth.npy", out_dir / "depth.png"]
-        elif name == "semseg":
-            np.save(out_dir / "semseg.npy", value)
-            palette_image(value).save(out_dir / "semseg.png")
-            written += [out_dir / "semseg.npy", out_dir / "semseg.png"]
-        elif name == "det":
-            text_out[name] = value
-            if "rgb" in result:
-                base = result["rgb"]
-            elif "rgb" in inputs:
-                base = Image.fromarray(pipe.load_image(inputs["rgb"]))
+    with atomic_directory(out_dir) as tmp:
+        for name, value in result.items():
+            if name == "rgb":
+                save_image(tmp / "rgb.png", value)
+                names.append("rgb.png")
+            elif name == "depth":
+                save_npy(tmp / "depth.npy", value)
+                save_image(tmp / "depth.png", colorize_depth(value))
+                names += ["depth.npy", "depth.png"]
+            elif name == "semseg":
+                save_npy(tmp / "semseg.npy", value)
+                save_image(tmp / "semseg.png", palette_image(value))
+                names += ["semseg.npy", "semseg.png"]
+            elif name == "det":
+                text_out[name] = value
+                if "rgb" in result:
+                    base = result["rgb"]
+                elif "rgb" in inputs:
+                    base = Image.fromarray(pipe.load_image(inputs["rgb"]))
+                else:
+                    size = pipe.image_size
+                    base = Image.new("RGB", (size, size))
+                save_image(tmp / "det.png", draw_boxes(base, value))
+                names.append("det.png")
+            elif isinstance(value, np.ndarray):
+                save_npy(tmp / f"{name}.npy", value)
+                names.append(f"{name}.npy")
+            elif isinstance(value, Image.Image):
+                save_image(tmp / f"{name}.png", value)
+                names.append(f"{name}.png")
             else:
-                size = pipe.image_size
-                base = Image.new("RGB", (size, size))
-            draw_boxes(base, value).save(out_dir / "det.png")
-            written.append(out_dir / "det.png")
-        elif isinstance(value, np.ndarray):
-            np.save(out_dir / f"{name}.npy", value)
-            written.append(out_dir / f"{name}.npy")
-        elif isinstance(value, Image.Image):
-            value.save(out_dir / f"{name}.png")
-            written.append(out_dir / f"{name}.png")
-        else:
-            text_out[name] = value
-    if text_out:
-        (out_dir / "outputs.json").write_text(json.dumps(text_out, indent=2) + "\n")
-        written.append(out_dir / "outputs.json")
-    return written
+                text_out[name] = value
+        if text_out:
+            write_json(tmp / "outputs.json", text_out)
+            names.append("outputs.json")
+    return [out_dir / n for n in names]
 
 
 def run_generate(args: argparse.Namespace) -> int:
     if not args.target:
         raise ValueError("pass at least one --target MODALITY (e.g. --target depth)")
     raw_inputs = parse_input_pairs(args.input)
+    from tokenizers_mm.io_atomic import check_output_dir
+
+    check_output_dir(args.out, what="--out directory")  # fail before loading the model
     pipe = _load_pipeline(args)
     inputs = {name: _read_input_value(pipe, name, value) for name, value in raw_inputs.items()}
     result = pipe.generate(inputs=inputs, targets=list(args.target), **_sampling_kwargs(args))

@@ -23,6 +23,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 MODEL_CLASS = "OneModel"
+_MISMATCH_FIX = ("restore the config.json saved with these weights (the two files come from different models), "
+                 "or re-export the model with save_pretrained()")
 
 
 def _shared_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -40,17 +42,17 @@ def _shared_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def save_pretrained(model, directory: str | Path) -> Path:
     """Write ``model`` (a OneModel) to ``directory`` (created if needed); returns the directory."""
-    from safetensors.torch import save_file
+    from tokenizers_mm.io_atomic import atomic_directory, save_safetensors, write_json
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = {"class": MODEL_CLASS, "format_version": FORMAT_VERSION, **model.config.to_dict()}
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     state = model.state_dict()
     aliases = _shared_aliases(state)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
     metadata = {"format": "pt", "class": MODEL_CLASS, "aliases": json.dumps(aliases)}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+    with atomic_directory(directory) as tmp:  # both files or neither (other entries, e.g. tokenizers/, are kept)
+        write_json(tmp / CONFIG_NAME, config)
+        save_safetensors(tmp / WEIGHTS_NAME, tensors, metadata=metadata)
     logger.info("saved %s (%d tensors, %d tied) to %s", MODEL_CLASS, len(tensors), len(aliases), directory)
     return directory
 
@@ -81,10 +83,8 @@ def load_config(directory: str | Path):
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu"):
     """Build a OneModel from ``directory`` (config.json + model.safetensors); strict, no pickle."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from onemodel.model import OneModel
+    from tokenizers_mm.io_atomic import read_safetensors
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -93,10 +93,7 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: save_pretrained writes {WEIGHTS_NAME} beside {CONFIG_NAME}")
-    try:
-        loaded = load_file(str(weights), device=str(map_location))
-    except SafetensorError as err:
-        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    loaded, _ = read_safetensors(weights, device=str(map_location), fix="re-export it with save_pretrained(), or retrain")
 
     model = OneModel(config)
     expected = model.state_dict()
@@ -106,14 +103,14 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     unexpected = [k for k in loaded if k not in expected or k in aliases]
     if missing or unexpected:
         raise ValueError(
-            f"{weights} does not match the config in {CONFIG_NAME}: missing tensors {missing[:10]}, "
-            f"unexpected tensors {unexpected[:10]}"
+            f"{weights} does not match the config in {CONFIG_NAME} ({len(missing)} missing tensor(s), e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); {_MISMATCH_FIX}"
         )
     for name in wanted:
         if tuple(loaded[name].shape) != tuple(expected[name].shape):
             raise ValueError(
-                f"{weights}: tensor {name!r} has shape {tuple(loaded[name].shape)} but the config in {CONFIG_NAME} "
-                f"builds {tuple(expected[name].shape)}"
+                f"{weights} does not match the config in {CONFIG_NAME}: tensor {name!r} has shape "
+                f"{tuple(loaded[name].shape)} but the config builds {tuple(expected[name].shape)}; {_MISMATCH_FIX}"
             )
     state = {k: loaded[k] for k in wanted}
     state.update({alias: loaded[canon] for alias, canon in aliases.items()})

@@ -38,6 +38,7 @@ import torch
 
 from onemodel.generation import generate as generate_tokens
 from onemodel.pipeline_inputs import (
+    describe,
     is_image_like,
     resize_depth,
     resize_rgb,
@@ -66,6 +67,11 @@ def _find_model_dir(path: Path) -> Path:
         f"{str(path)!r} is neither a trained run directory (with model/) nor a model directory (config.json + "
         "model.safetensors); pass the --out directory of 'onemodel train' or a directory written by save_pretrained()"
     )
+
+
+def _check_mapping(inputs: Any) -> None:
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a dict {{modality: value}}, e.g. {{'rgb': image}}, got {describe(inputs)}")
 
 
 class OneModelPipeline:
@@ -123,7 +129,9 @@ class OneModelPipeline:
             return self.tokenizers[name]
         except KeyError:
             raise ValueError(
-                f"the tokenizer bundle has no {name!r} tokenizer, needed by modality {modality!r}"
+                f"the tokenizer bundle has no {name!r} tokenizer, needed by modality {modality!r}; copy the {name}/ "
+                "tokenizer the model was trained with into the model's tokenizers/ directory, or pass "
+                "tokenizers=TokenizerBundle.from_pretrained(BUNDLE_DIR)"
             ) from None
 
     def _check_tokenizers(self) -> None:
@@ -161,8 +169,7 @@ class OneModelPipeline:
     # ------------------------------------------------------------------------------------------ inputs
     def _broadcast(self, inputs: Mapping[str, Any]) -> tuple[dict[str, list], int, bool]:
         """Per modality a list of per-sample values; the batch size; whether the caller passed lists."""
-        if not isinstance(inputs, Mapping):
-            raise TypeError(f"inputs must be a dict {{modality: value}}, got {type(inputs).__name__}")
+        _check_mapping(inputs)
         sizes, listed = set(), False
         for name, value in inputs.items():
             if self._is_batch(name, value):
@@ -188,10 +195,11 @@ class OneModelPipeline:
 
     def _check_names(self, inputs: Mapping[str, Any], targets: Sequence[str]) -> None:
         known = list(self.modalities)
+        _check_mapping(inputs)
         for where, names in (("input", list(inputs)), ("target", list(targets))):
             for name in names:
                 if not isinstance(name, str) or name not in self.modalities:
-                    raise ValueError(f"unknown {where} modality {name!r}; this model knows {known}")
+                    raise ValueError(f"unknown {where} modality {describe(name)}; this model knows {known}")
         both = [t for t in targets if t in inputs]
         if both:
             raise ValueError(
@@ -199,7 +207,8 @@ class OneModelPipeline:
                 "remove it from inputs or from targets"
             )
 
-    def _tokenize(self, inputs: dict[str, list], n: int) -> tuple[dict[str, list], list[tuple[int, int] | None]]:
+    def _tokenize(self, inputs: dict[str, list], n: int, truncate: bool = False
+                  ) -> tuple[dict[str, list], list[tuple[int, int] | None]]:
         """User values -> token rows per modality; also each sample's reference image size (H, W) or None."""
         sizes: list[tuple[int, int] | None] = [None] * n
         rows: dict[str, list] = {}
@@ -219,7 +228,7 @@ class OneModelPipeline:
             rows[name] = out
         for name, values in inputs.items():
             if self.modalities[name].is_sequence:
-                rows[name] = [self._sequence_input(name, v, i, sizes[i]) for i, v in enumerate(values)]
+                rows[name] = [self._sequence_input(name, v, i, sizes[i], truncate) for i, v in enumerate(values)]
         return rows, sizes
 
     def _grid_input(self, name: str, value: Any, i: int, sizes: list) -> np.ndarray | None:
@@ -244,33 +253,51 @@ class OneModelPipeline:
             f"no input conversion for grid modality {name!r}; pass token ids through onemodel.generation.generate"
         )
 
-    def _sequence_input(self, name: str, value: Any, i: int, size: tuple[int, int] | None) -> torch.Tensor | None:
+    def _sequence_input(self, name: str, value: Any, i: int, size: tuple[int, int] | None,
+                        truncate: bool = False) -> torch.Tensor | None:
         if value is None:
             return None
+        from tokenizers_mm.text import check_encodable
+
         text = self._tokenizer(name)
         max_length = self.modalities[name].max_length
         if name == "det":
             from tokenizers_mm.boxes import boxes_to_text
 
             if not isinstance(value, (list, tuple)):
-                raise TypeError(f"det input {i}: expected a list of {{'box': [x0, y0, x1, y1], 'label': str}} dicts")
+                raise TypeError(f"det input {i}: expected a list of {{'box': [x0, y0, x1, y1], 'label': str}} dicts, "
+                                f"got {describe(value)}")
             value = boxes_to_text(list(value), size or self.image_size, text.num_loc_bins)
-            ids = text.encode(value, max_length=max_length, allow_empty=True)[0]
+            allow_empty = True
         else:
             if not isinstance(value, str):
-                raise TypeError(f"{name} input {i}: expected a string, got {type(value).__name__}")
+                raise TypeError(f"{name} input {i}: expected a string, got {describe(value)}")
+            check_encodable(value, f"{name} input {i}")
             if not value.strip():
                 raise ValueError(f"{name} input {i} is empty; pass a non-empty {name} (or leave the modality out)")
-            ids = text.encode(value, max_length=max_length)[0]
+            allow_empty = False
+        n_tokens = len(text.encode_ids(value, allow_empty=allow_empty)) + 1  # + eos
+        if n_tokens > max_length:
+            what = "boxes" if name == "det" else "text"
+            if not truncate:
+                raise ValueError(
+                    f"{name} input {i} is {n_tokens} tokens long, more than this model's {name} max_length of "
+                    f"{max_length}; shorten the {what}, pass truncate=True (CLI: --truncate) to cut it, or train a "
+                    f"model with a larger model.max_lengths.{name}"
+                )
+            logger.warning("%s input %d: %d tokens cut to the model's max_length %d (truncate=True)", name, i,
+                           n_tokens, max_length)
+        ids = text.encode(value, max_length=max_length, allow_empty=allow_empty)[0]
         ids = ids.long()
         return ids[ids != text.pad_id] if text.pad_id != text.eos_id else ids
 
-    def tokenize(self, inputs: Mapping[str, Any]) -> dict[str, list[torch.Tensor | None]]:
+    def tokenize(self, inputs: Mapping[str, Any], truncate: bool = False) -> dict[str, list[torch.Tensor | None]]:
         """User values ({modality: value or list}) -> {modality: [1-D LongTensor of token ids per sample]}, exactly
-        what ``generate`` feeds the model (images resized, text truncated to the modality's max_length)."""
+        what ``generate`` feeds the model (images resized; text longer than the modality's max_length is an error
+        unless ``truncate=True``, which cuts it with a warning)."""
         self._check_names(inputs, [])
         values, n, _ = self._broadcast(inputs)
-        return self._tokenize(values, n)[0]
+        return self._tokenize(values, n, truncate)[0]
 
     # ------------------------------------------------------------------------------------------ sampling
     def _options(self, targets: Sequence[str], sampling: dict[str, Any]) -> dict[str, SamplingOptions]:
@@ -278,7 +305,7 @@ class OneModelPipeline:
         per_target = sampling.pop("per_target", None) or {}
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
-            valid = list(SAMPLING_KEYS) + ["per_target", "seed", "batch_size", "progress", "return_tokens"]
+            valid = list(SAMPLING_KEYS) + ["per_target", "seed", "batch_size", "progress", "return_tokens", "truncate"]
             raise TypeError(f"unknown sampling option(s) {unknown}; valid: {valid}")
         if not isinstance(per_target, Mapping):
             raise TypeError("per_target must be a dict {modality: {option: value}}")
@@ -341,14 +368,22 @@ class OneModelPipeline:
         seed: int = 0,
         batch_size: int = 16,
         progress: bool = False,
+        truncate: bool = False,
         **sampling: Any,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Generate ``targets`` (in order, each becoming an input of the next) from ``inputs`` ({modality: value}).
 
         Returns ``{target: value}`` for single values, a list of such dicts when any input is a list. Sampling
         keywords: see the module docstring. ``return_tokens=True`` returns ``{target: LongTensor}`` token ids.
+        Text inputs longer than their modality's ``max_length`` raise ``ValueError`` unless ``truncate=True``.
         """
-        targets = [targets] if isinstance(targets, str) else list(targets)
+        _check_mapping(inputs)
+        if isinstance(targets, str):
+            targets = [targets]
+        elif isinstance(targets, (list, tuple)):
+            targets = list(targets)
+        else:
+            raise TypeError(f"targets must be a modality name or a list of them, got {describe(targets)}")
         if not targets:
             raise ValueError("targets is empty; name at least one modality to generate, e.g. targets=['caption']")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -363,7 +398,7 @@ class OneModelPipeline:
         for start in range(0, n, batch_size):
             chunk = {k: v[start : start + batch_size] for k, v in values.items()}
             b = min(batch_size, n - start)
-            rows, sizes = self._tokenize(chunk, b)
+            rows, sizes = self._tokenize(chunk, b, truncate)
             out = generate_tokens(
                 self.model,
                 rows,

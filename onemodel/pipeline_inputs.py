@@ -39,9 +39,24 @@ __all__ = [
     "colorize_depth",
     "palette_image",
     "draw_boxes",
+    "describe",
 ]
 
 _CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def describe(x: Any) -> str:
+    """A short description of a value for error messages: type and shape, never the data itself."""
+    shape = getattr(x, "shape", None)
+    if shape is not None and hasattr(x, "dtype"):
+        return f"{type(x).__module__.split('.')[0]}.{type(x).__name__} of shape {tuple(shape)} ({x.dtype})"
+    if isinstance(x, Image.Image):
+        return f"PIL image {x.size[0]}x{x.size[1]} mode {x.mode}"
+    if isinstance(x, (list, tuple)):
+        return f"{type(x).__name__} of {len(x)} item(s)"
+    if isinstance(x, str):
+        return repr(x) if len(x) <= 40 else repr(x[:37] + "...")
+    return type(x).__name__
 
 
 def is_image_like(x: Any) -> bool:
@@ -98,9 +113,9 @@ def to_rgb_array(x: Any, what: str = "image") -> np.ndarray:
     import torch
 
     if isinstance(x, (str, Path)):
-        return _pil_to_rgb(_open_path(x), f"{what} {str(x)!r}")
+        return _check_size(_pil_to_rgb(_open_path(x), f"{what} {str(x)!r}"), what)
     if isinstance(x, Image.Image):
-        return _pil_to_rgb(x, what)
+        return _check_size(_pil_to_rgb(x, what), what)
     if isinstance(x, torch.Tensor):
         x = _tensor_to_numpy_hwc(x, what)
     if not isinstance(x, np.ndarray):
@@ -114,13 +129,13 @@ def to_rgb_array(x: Any, what: str = "image") -> np.ndarray:
         raise ValueError(
             f"{what}: expected an (H, W, 3) array (or (H, W), (H, W, 1), (H, W, 4)), got shape {arr.shape}"
         )
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{what}: image of size {arr.shape[1]}x{arr.shape[0]} is empty")
+    _check_size(arr, what)
     if arr.dtype == np.uint8:
         out = arr
     elif np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
-            raise ValueError(f"{what}: float image contains NaN or inf")
+            raise ValueError(f"{what}: float image contains NaN or inf; replace them (e.g. np.nan_to_num(x)) or "
+                             "pass uint8 0..255")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
@@ -135,6 +150,12 @@ def to_rgb_array(x: Any, what: str = "image") -> np.ndarray:
     elif out.shape[-1] == 4:
         out = out[..., :3]
     return np.ascontiguousarray(out)
+
+
+def _check_size(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{what}: image of size {arr.shape[1]}x{arr.shape[0]} is empty; pass an image with pixels")
+    return arr
 
 
 def _to_2d_array(x: Any, what: str) -> np.ndarray:
@@ -160,7 +181,7 @@ def _to_2d_array(x: Any, what: str) -> np.ndarray:
     if x.ndim == 3 and 1 in (x.shape[0], x.shape[-1]):
         x = x.reshape(x.shape[1:] if x.shape[0] == 1 else x.shape[:-1])
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{what}: expected an (H, W) map, got shape {x.shape}")
+        raise ValueError(f"{what}: expected a non-empty (H, W) map, got shape {x.shape}")
     return x
 
 
@@ -171,7 +192,8 @@ def to_depth_array(x: Any, what: str = "depth") -> np.ndarray:
         raise TypeError(f"{what}: expected float metres, got dtype {arr.dtype}")
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all() or (arr < 0).any():
-        raise ValueError(f"{what}: depth must be finite metres >= 0")
+        raise ValueError(f"{what}: depth must be finite metres >= 0 (it holds NaN, inf or negative values); replace "
+                         "invalid pixels, e.g. np.nan_to_num(depth, nan=0, posinf=0).clip(0)")
     return arr
 
 

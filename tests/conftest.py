@@ -44,16 +44,18 @@ def full_dir(tmp_path, monkeypatch):
     if _mount_tmpfs(target, "size=64k"):
         filler = target / "filler"
         try:
-            with open(filler, "wb") as f:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-        except OSError:
-            pass
-        # leave 16 KiB: small writes succeed, bigger ones fail half-way (the write path, not the up-front check)
-        os.truncate(filler, max(0, filler.stat().st_size - 16384))
-        yield target
-        _umount(target)
+            try:  # fill it up
+                with open(filler, "wb") as f:
+                    while True:
+                        f.write(b"\0" * 4096)
+                        f.flush()
+            except OSError:
+                pass
+            # leave 16 KiB: small writes succeed, bigger ones fail half-way (the write path, not the up-front check)
+            os.truncate(filler, max(0, filler.stat().st_size - 16384))
+            yield target
+        finally:
+            _umount(target)
         return
     from tokenizers_mm import io_atomic
 
@@ -69,8 +71,10 @@ def readonly_dir(tmp_path):
 
     target = tmp_path / "ro"
     if _mount_tmpfs(target, "ro,size=16k"):
-        yield target
-        _umount(target)
+        try:
+            yield target
+        finally:
+            _umount(target)
         return
     target.mkdir()
     os.chmod(target, 0o555)

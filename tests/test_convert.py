@@ -169,14 +169,13 @@ def test_interrupted_conversion_by_exception(folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert_image_folder(folder.path, out, samples_per_shard=2, progress=False)
-    # 3 images loaded (full, text, plain) -> one complete shard of 2; the third sample's shard was dropped
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
-    assert len(load_samples(out)) == 2
-    assert not (out / "meta.json").exists()
+    # 3 images loaded (full, text, plain) -> one complete shard of 2, then the failure: all or nothing, so
+    # neither that shard nor the output directory is left behind
+    assert not out.exists()
 
 
 def test_interrupted_conversion_by_sigkill(folder, tmp_path):
-    """A process killed mid-shard leaves only complete shard-*.tar files (plus an ignored .incomplete)."""
+    """A process killed mid-conversion leaves no shard-*.tar at all (only ignored .incomplete files)."""
     out, flag = tmp_path / "out", tmp_path / "stalled"
     script = textwrap.dedent(
         f"""
@@ -209,14 +208,13 @@ def test_interrupted_conversion_by_sigkill(folder, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    shards = sorted(out.glob("shard-*.tar"))
-    assert [p.name for p in shards] == ["shard-000000.tar"]
-    with tarfile.open(shards[0]) as tar:
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar.incomplete", "shard-000001.tar.incomplete"]
+    with tarfile.open(out / "shard-000000.tar.incomplete") as tar:  # the first shard was complete, not renamed
         assert len({m.name.split(".")[0] for m in tar.getmembers()}) == 2
-    assert resolve_shards(out) == [str(shards[0])]
-    assert len(load_samples(out)) == 2
-    # a rerun (overwrite) replaces the leftovers
-    report = convert_image_folder(folder.path, out, samples_per_shard=2, overwrite=True, progress=False)
+    with pytest.raises(FileNotFoundError):  # readers see no shard
+        resolve_shards(out)
+    # a rerun removes the leftovers (no --overwrite needed: they are not shards)
+    report = convert_image_folder(folder.path, out, samples_per_shard=2, progress=False)
     assert report.written == 5 and not list(out.glob("*.incomplete"))
 
 

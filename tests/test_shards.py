@@ -159,15 +159,19 @@ def test_truncated_shard_is_skipped_with_a_warning(tmp_path, caplog):
     assert len(partial) == 3 and "rgb" not in partial[2]
 
 
-def test_interrupted_write_leaves_only_complete_shards(tmp_path):
+def test_interrupted_write_leaves_nothing_new(tmp_path):
     def broken():
         yield from _samples(5)
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
-        write_shards(broken(), tmp_path, samples_per_shard=2, progress=False)
+    with pytest.raises(RuntimeError, match="boom"):  # all or nothing: no shard, not even the directory
+        write_shards(broken(), tmp_path / "new" / "train", samples_per_shard=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    write_shards(_samples(3), tmp_path, samples_per_shard=2, progress=False)
+    with pytest.raises(RuntimeError, match="boom"):  # overwrite that fails keeps the old shards
+        write_shards(broken(), tmp_path, samples_per_shard=2, progress=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
-    assert len(load_samples(tmp_path)) == 4
+    assert len(load_samples(tmp_path)) == 3
 
 
 def test_write_shards_refuses_existing_shards_and_bad_samples(tmp_path):
@@ -178,7 +182,7 @@ def test_write_shards_refuses_existing_shards_and_bad_samples(tmp_path):
     assert [s["__key__"] for s in load_samples(tmp_path)] == ["shapes_000000005", "shapes_000000006"]
     with pytest.raises(ValueError, match="duplicate"):
         write_shards(_samples(1) * 2, tmp_path / "dup", progress=False)
-    assert not list((tmp_path / "dup").iterdir())
+    assert not (tmp_path / "dup").exists()
     bad = dict(generate_sample(0), depth=np.zeros((32, 32), np.float64))
     with pytest.raises(ValueError, match="float32"):
         encode_sample(bad)

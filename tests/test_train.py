@@ -234,6 +234,13 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tiny, tmp_path):
     state = json.loads((latest_checkpoint(tmp_path / "ddp" / "checkpoints") / "trainer_state.json").read_text())
     assert state["data"]["num_processes"] == 2 and state["data"]["grad_accum_steps"] == 1
     assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "single"), atol=1e-5)
+    # validation: one fixed set of samples, whatever the process count -> the same val losses
+    val = {run: [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "val/loss" in r]
+           for run in ("single", "ddp")}
+    assert [r["step"] for r in val["ddp"]] == [r["step"] for r in val["single"]] == [0, 6]
+    for a, b in zip(val["single"], val["ddp"]):
+        for key in (k for k in a if k.startswith("val/loss")):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
 
 
 # ------------------------------------------------------------------------------------------------ pieces

@@ -96,8 +96,15 @@ def test_raw_shards_tokenized_on_the_fly_match_token_shards(parts):
 
 def test_val_batches_are_fixed(parts):
     src = [load_source(parts["root"] / "tokens", "val", parts["root"] / "bundle", False, None)]
-    args = (src, parts["modalities"], parts["masking"], parts["text"], 0, 4, 3)
+    args = (src, parts["modalities"], parts["masking"], parts["text"], 0, 4, 12)
     a, b = build_val_batches(*args), build_val_batches(*args)
     assert len(a) == 3 and all(torch.equal(x.dec_ids, y.dec_ids) and torch.equal(x.enc_ids, y.enc_ids) for x, y in zip(a, b))
+    # the same 12 samples whatever the process count: 2 ranks split them (6 each, micro-batches of 4 and 2)
+    one = [s for batch in a for s in batch.samples()]
+    ranks = [build_val_batches(*args, num_processes=2, rank=r) for r in (0, 1)]
+    assert [len(batch.samples()) for batch in ranks[0]] == [4, 2]
+    two = [s for r in ranks for batch in r for s in batch.samples()]
+    key = lambda s: (s.enc_ids.tolist(), s.dec_ids.tolist())  # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, two))
     train_first = next(iter(stream(parts, src, end_step=1)))
     assert not torch.equal(a[0].samples()[0].enc_ids, train_first.enc_ids)  # a separate stream from training

@@ -59,9 +59,11 @@ class TokenizerBundle:
         return cls(toks)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        for name, tok in self.tokenizers.items():
-            tok.save_pretrained(directory / name)
+        from tokenizers_mm.io_atomic import atomic_directory
+
+        with atomic_directory(directory) as tmp:  # all tokenizers or none
+            for name, tok in self.tokenizers.items():
+                tok.save_pretrained(tmp / name)
 
     # -- access ------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> ModalityTokenizer:

@@ -27,6 +27,10 @@ API::
     # parents are created only now. Failure (any exception): tmp and the parents it created are removed,
     # "out" is untouched.
 
+    # writers that manage their own temporary names (shards): create directories, undo on failure
+    created = make_dirs("data/mine/train")              # the directories it created, outermost first
+    remove_dirs(created)                                 # rmdir them (only the empty ones), innermost first
+
     # up-front checks (cheap; the writes above check again and translate their own OSErrors):
     check_output_dir("out", what="--out")                # exists as a file? not writable? read-only? disk full?
     check_output_file("out/report.html", what="--report")
@@ -37,8 +41,8 @@ API::
 Errors: :class:`OutputPathError` is both an ``OSError`` (with ``errno`` and ``filename``) and a ``ValueError``,
 so the CLI reports it as one line with exit code 2; its message names the path, the problem and what to do:
 ``cannot write 'out/depth.npy': no space left on device; free some space or choose another directory``.
-A run killed outright (``kill -9``) can leave a hidden ``.NAME.partial-PID`` entry beside its target; the next
-write to the same target removes the ones whose process is gone.
+A run killed outright (``kill -9``) can leave a hidden ``.NAME.partial-PID`` entry beside (or in) its target;
+the next write to the same target removes the ones whose process is gone.
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ __all__ = [
     "save_image",
     "save_safetensors",
     "read_safetensors",
+    "make_dirs",
+    "remove_dirs",
     "PARTIAL_MARK",
+    "STORAGE_ERRNOS",
 ]
 
 PARTIAL_MARK = ".partial-"  # hidden staging names: ".NAME.partial-PID"
@@ -86,7 +93,7 @@ _REASONS = {
     errno.EIO: ("input/output error", "check the disk, or choose another directory"),
 }
 # errnos that are about the output location even when the OSError carries no filename (a failed write())
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 class OutputPathError(OSError, ValueError):
@@ -169,13 +176,15 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _partial_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+def _partial_name(path: Path, inside: bool = False) -> Path:
+    """The staging name of ``path``: beside it, or (``inside``) in it, so that the final renames stay on one
+    filesystem even when ``path`` is a mount point."""
+    return (path if inside else path.parent) / f".{path.name}{PARTIAL_MARK}{os.getpid()}"
 
 
-def _remove_stale_partials(path: Path) -> None:
-    """Remove ``.NAME.partial-PID`` leftovers of dead processes beside ``path``."""
-    parent = path.parent
+def _remove_stale_partials(path: Path, inside: bool = False) -> None:
+    """Remove ``.NAME.partial-PID`` leftovers of dead processes beside (or in) ``path``."""
+    parent = path if inside else path.parent
     if not parent.is_dir():
         return
     prefix = f".{path.name}{PARTIAL_MARK}"
@@ -249,6 +258,19 @@ def _make_parents(directory: Path, target: Path) -> list[Path]:
     return created
 
 
+def make_dirs(directory: str | Path) -> list[Path]:
+    """``mkdir -p directory``; return the directories it created (outermost first) for :func:`remove_dirs`.
+    ``OSError`` -> :class:`OutputPathError`."""
+    directory = Path(directory)
+    check_output_dir(directory)
+    return _make_parents(directory, directory)
+
+
+def remove_dirs(created: list[Path]) -> None:
+    """Remove the directories :func:`make_dirs` created, innermost first, where they are empty."""
+    _remove_dirs(created)
+
+
 def _remove_dirs(created: list[Path]) -> None:
     for d in reversed(created):
         try:
@@ -267,7 +289,7 @@ def _translate(err: OSError, staging: Path, target: Path) -> OSError:
         except ValueError:
             return err
         return output_error(target / rel if rel.parts else target, err)
-    if err.errno in _STORAGE_ERRNOS:
+    if err.errno in STORAGE_ERRNOS:
         return output_error(target, err)
     return err
 
@@ -301,7 +323,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         if full and not isinstance(err, OutputPathError):  # numpy / safetensors report a full disk in their own words
             raise output_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from err
         if isinstance(err, OSError) and not isinstance(err, OutputPathError):
-            about_output = err.filename in (str(tmp), str(path)) or (err.filename is None and err.errno in _STORAGE_ERRNOS)
+            about_output = err.filename in (str(tmp), str(path)) or (err.filename is None and err.errno in STORAGE_ERRNOS)
             if about_output:
                 raise output_error(path, err) from err
         raise
@@ -318,8 +340,9 @@ def atomic_directory(path: str | Path, mode: str = "merge") -> Iterator[Path]:
     path = Path(path)
     check_output_dir(path)
     created = _make_parents(path.parent, path)
-    _remove_stale_partials(path)
-    staging = _partial_name(path)
+    inside = mode == "merge" and path.is_dir()  # stage in the target: same filesystem, even for a mount point
+    _remove_stale_partials(path, inside)
+    staging = _partial_name(path, inside)
     _remove(staging)
     try:
         staging.mkdir()

@@ -21,7 +21,6 @@ just ``[EOS]`` (used for a detection target with no boxes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import string
@@ -41,6 +40,18 @@ __all__ = ["TextTokenizerConfig", "TextTokenizer", "TOKENIZER_FILE"]
 
 TOKENIZER_FILE = "tokenizer.json"
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+
+
+def check_encodable(text: str, what: str = "text") -> None:
+    """``ValueError`` for text that is not valid Unicode (a lone surrogate: what Python makes of non-UTF-8 bytes
+    in command-line arguments or file names), instead of an obscure error from the tokenizers library."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} contains a character that is not valid Unicode ({text[err.start]!r} at position {err.start}, "
+            "e.g. from non-UTF-8 bytes); pass UTF-8 text (or decode it with errors='replace')"
+        ) from None
 
 
 @dataclass
@@ -244,6 +255,7 @@ class TextTokenizer(ModalityTokenizer):
         """One text -> its ids (no bos, no eos, no padding)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}; pass a string or a list of strings")
+        check_encodable(text)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if not ids and not allow_empty:
             raise ValueError("empty text: captions, questions and answers must contain at least one non-space character")
@@ -254,6 +266,7 @@ class TextTokenizer(ModalityTokenizer):
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"texts must be strings, got {type(t).__name__}")
+            check_encodable(t)
         rows = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
         if not allow_empty and any(not r for r in rows):
             raise ValueError("empty text: captions, questions and answers must contain at least one non-space character")
@@ -315,11 +328,12 @@ class TextTokenizer(ModalityTokenizer):
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(directory / TOKENIZER_FILE))
+        from tokenizers_mm.io_atomic import atomic_directory, write_json, write_text
+
         payload = {"class": "TextTokenizer", "config": dataclasses.asdict(self.config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        with atomic_directory(directory) as tmp:
+            write_text(tmp / TOKENIZER_FILE, self._tok.to_str(pretty=True))
+            write_json(tmp / CONFIG_NAME, payload)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "TextTokenizer":
@@ -332,7 +346,12 @@ class TextTokenizer(ModalityTokenizer):
         path = directory / TOKENIZER_FILE
         if not path.is_file():
             raise ValueError(f"{str(directory)!r} has no {TOKENIZER_FILE}; re-save the text tokenizer")
-        return cls(Tokenizer.from_file(str(path)), TextTokenizerConfig.from_dict(payload.get("config", {})))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust library raises bare Exceptions for bad JSON
+            raise ValueError(f"{str(path)!r} is not a valid tokenizer file (truncated, or not produced by onemodel); "
+                             "retrain the text tokenizer") from err
+        return cls(tok, TextTokenizerConfig.from_dict(payload.get("config", {})))
 
     def to_transformers(self) -> Any:
         """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (pad/bos/eos/unk set, eos appended like

@@ -21,7 +21,6 @@ and logs a warning; ``decode`` always returns ``image_size x image_size``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -580,18 +579,17 @@ class VQTokenizer(nn.Module, ModalityTokenizer):
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
+        from tokenizers_mm.io_atomic import atomic_directory, save_safetensors, write_json
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         payload = {"class": "VQTokenizer", "config": self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        with atomic_directory(directory) as tmp:
+            save_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt"})
+            write_json(tmp / CONFIG_NAME, payload)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQTokenizer":
-        from safetensors.torch import load_file
+        from tokenizers_mm.io_atomic import read_safetensors
 
         directory = Path(directory)
         payload = read_tokenizer_config(directory)
@@ -602,7 +600,7 @@ class VQTokenizer(nn.Module, ModalityTokenizer):
         if not weights.is_file():
             raise ValueError(f"{str(directory)!r} has no {WEIGHTS_NAME}; re-save the tokenizer with save_pretrained()")
         model = cls(config)
-        state = load_file(str(weights))
+        state, _ = read_safetensors(weights, fix="retrain the tokenizer, or copy it again from where it was trained")
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches

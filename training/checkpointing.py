@@ -32,6 +32,7 @@ __all__ = [
     "save_checkpoint",
     "write_json_atomic",
     "replace_dir_atomic",
+    "raise_as_output_error",
 ]
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -39,14 +40,10 @@ _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file + fsync + rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON to ``path`` via a temporary file + fsync + rename (``tokenizers_mm.io_atomic``)."""
+    from tokenizers_mm.io_atomic import write_json
+
+    write_json(path, data, sort_keys=True)
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
@@ -97,7 +94,12 @@ def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except Exception as err:  # full disk, ...: drop the partial checkpoint, say where and what to do
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_as_output_error(final, err)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / TRAINER_STATE_NAME, trainer_state)
@@ -111,6 +113,21 @@ def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state:
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def raise_as_output_error(final: Path, err: Exception) -> None:
+    """Re-raise a failed write under ``final`` as a one-line ``OutputPathError`` when it is about the disk."""
+    import errno as errno_mod
+
+    from tokenizers_mm.io_atomic import OutputPathError, output_error
+
+    if isinstance(err, OutputPathError):
+        raise err
+    if isinstance(err, OSError) and err.errno is not None:
+        raise output_error(final, err) from err
+    st = os.statvfs(final.parent) if final.parent.is_dir() else None
+    if "No space left" in str(err) or (st is not None and st.f_bavail == 0):
+        raise output_error(final, OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))) from err
 
 
 def replace_dir_atomic(tmp: Path, final: Path) -> None:

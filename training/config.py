@@ -97,16 +97,21 @@ class DataSource:
 class DataConfig:
     """sources: the weighted training mixture; val_split: the split of every source used for the validation loss
     (null = no validation); num_workers: DataLoader worker processes per training process; seed: sample order and
-    masking seed (the stream is a pure function of (seed, sample index), independent of workers and processes)."""
+    masking seed (the stream is a pure function of (seed, sample index), independent of workers and processes);
+    max_bad_fraction: corrupt shards and samples are logged and skipped, but when more than this fraction of a
+    source's shards or samples is unreadable, training stops with an error (0 = refuse any corrupt data)."""
 
     sources: list[DataSource] = field(default_factory=list)
     val_split: Optional[str] = "val"
     num_workers: int = 1
     seed: int = 0
+    max_bad_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
 
 
 @dataclass
@@ -166,7 +171,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     """log_every: training-loss line every N steps; eval_every: validation loss every N steps (0 = only at the end);
-    eval_batches: fixed validation micro-batches per evaluation; tensorboard: also write TensorBoard events."""
+    eval_batches: size of the fixed validation set in global batches (eval_batches x optim.batch_size samples, the
+    same set whatever the number of processes); tensorboard: also write TensorBoard events."""
 
     log_every: int = 10
     eval_every: int = 200

@@ -294,10 +294,11 @@ def _stage_eval(settings: DemoSettings, paths: dict[str, Path], progress: bool) 
     pipeline = OneModelPipeline.from_pretrained(paths["run"])
     evaluation = evaluate(pipeline, paths["data"], limit=settings.eval_limit, batch_size=settings.eval_batch_size,
                           progress=progress)
-    out = paths["eval"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(evaluation.results, indent=2, default=float) + "\n")
-    (out / "metrics.md").write_text(metrics_markdown_table(evaluation.results) + "\n")
+    from tokenizers_mm.io_atomic import atomic_directory, write_json, write_text
+
+    with atomic_directory(paths["eval"]) as out:
+        write_json(out / "results.json", evaluation.results, default=float)
+        write_text(out / "metrics.md", metrics_markdown_table(evaluation.results) + "\n")
     log = paths["run"] / "metrics.jsonl"
     report = write_report(paths["report"], evaluation.results, evaluation.examples, log if log.is_file() else None,
                           title="onemodel demo: one model, every task (synthetic shapes)")

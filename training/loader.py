@@ -17,6 +17,14 @@ process ``rank`` takes slots ``a * num_processes + rank`` for accumulation step 
 Shard sets are read into memory once (token shards are small: ~2-4 KB per sample). A raw set
 (``tokenize_on_the_fly``) keeps each sample's encoded files (PNG/NPY bytes) in memory and is decoded and
 tokenized by the tokenizer bundle inside the workers.
+
+Corrupt data is logged and skipped, for token and raw shards alike: a shard that is not a readable tar (random
+bytes, truncated) is skipped (the samples before the damage are kept), a token sample with an unreadable member
+(``.npy`` members are read with ``allow_pickle=False``; a pickle or garbage is refused, naming shard and key) is
+skipped, and the counts are logged when the set is loaded and at the end of training. When more than
+``max_bad_fraction`` of a source's shards or samples is unreadable, loading raises ``ValueError`` instead of
+training on what is left. A raw sample that fails to decode in a worker is replaced by the next readable sample
+of its set (a deterministic choice, so resume stays exact) and logged.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +76,75 @@ def _shard_paths(directory: Path) -> list[Path]:
     return paths
 
 
+@dataclass
+class ShardReadStats:
+    """What loading a shard set found: shards read and skipped, samples kept and skipped."""
+
+    shards: int = 0
+    bad_shards: int = 0
+    samples: int = 0
+    bad_samples: int = 0
+
+    def check(self, where: Path, max_bad_fraction: float) -> None:
+        """Log the skipped counts; raise ``ValueError`` above ``max_bad_fraction``."""
+        if not (self.bad_shards or self.bad_samples):
+            return
+        logger.warning("%s: skipped %d of %d shard(s) and %d of %d sample(s) as corrupt (see the warnings above)",
+                       where, self.bad_shards, self.shards, self.bad_samples, self.samples + self.bad_samples)
+        shard_frac = self.bad_shards / max(self.shards, 1)
+        sample_frac = self.bad_samples / max(self.samples + self.bad_samples, 1)
+        if max(shard_frac, sample_frac) > max_bad_fraction:
+            raise ValueError(
+                f"{str(where)!r}: {self.bad_shards} of {self.shards} shard(s) and {self.bad_samples} of "
+                f"{self.samples + self.bad_samples} sample(s) are corrupt, more than data.max_bad_fraction="
+                f"{max_bad_fraction}; regenerate the shards (e.g. onemodel tokenize --overwrite) or raise "
+                "data.max_bad_fraction"
+            )
+
+
+def _read_shard_safely(path: Path, stats: ShardReadStats) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of one tar; a corrupt or truncated tar is logged and counted, keeping the samples before the
+    damage (the sample being read when it happened is dropped)."""
+    out: list[tuple[str, dict[str, bytes]]] = []
+    stats.shards += 1
+    try:
+        for item in _read_tar_samples(path):
+            out.append(item)
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as err:
+        stats.bad_shards += 1
+        logger.warning("skipping corrupt shard %s after %d sample(s): %s: %s", path, len(out), type(err).__name__, err)
+    return out
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error
+
+
+def _decode_token_sample(shard: Path, key: str, files: dict[str, bytes], keep_set: set[str] | None
+                         ) -> dict[str, Any]:
+    """Token-shard files -> token sample; ``ValueError`` naming shard and key for an unreadable member."""
+    sample: dict[str, Any] = {}
+    for suffix, data in files.items():
+        try:
+            if suffix.endswith(".npy"):
+                name = suffix[: -len(".npy")]
+                if keep_set is None or name in keep_set:
+                    arr = np.load(io.BytesIO(data), allow_pickle=False)
+                    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                        raise ValueError(f"expected a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+                    sample[name] = arr.astype(np.int64)
+            elif suffix == "qa.json":
+                if keep_set is None or keep_set & set(QA_MODALITIES):
+                    pairs = json.loads(data.decode("utf-8"))
+                    sample[QA_KEY] = [[np.asarray(q, np.int64), np.asarray(a, np.int64)] for q, a in pairs]
+        except Exception as err:  # noqa: BLE001 - numpy / json raise many types for garbage
+            reason = "not a plain numpy array (pickled objects are never loaded)" if "pickle" in str(err) else str(err)
+            raise ValueError(f"shard {shard}: sample {key!r}: member {suffix!r} is unreadable: {reason}") from None
+    return sample
+
+
 def _read_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` per sample of a webdataset tar (key = basename up to the first dot)."""
     current_key: str | None = None
@@ -99,25 +177,25 @@ class TokenShardSet:
     ``[question_ids, answer_ids]``. ``keep`` restricts the modalities loaded (``question``/``answer`` keep ``qa``).
     """
 
-    def __init__(self, directory: str | Path, split: str = "train", keep: Sequence[str] | None = None) -> None:
+    def __init__(self, directory: str | Path, split: str = "train", keep: Sequence[str] | None = None,
+                 max_bad_fraction: float = 0.05) -> None:
         self.directory = Path(directory)
         split_dir = self.directory / split if (self.directory / split).is_dir() else self.directory
         keep_set = None if keep is None else set(keep)
         self.samples: list[dict[str, Any]] = []
+        self.stats = ShardReadStats()
         for shard in _shard_paths(split_dir):
-            for key, files in _read_tar_samples(shard):
-                sample: dict[str, Any] = {}
-                for suffix, data in files.items():
-                    if suffix.endswith(".npy"):
-                        name = suffix[: -len(".npy")]
-                        if keep_set is None or name in keep_set:
-                            sample[name] = np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64)
-                    elif suffix == "qa.json":
-                        if keep_set is None or keep_set & set(QA_MODALITIES):
-                            pairs = json.loads(data.decode("utf-8"))
-                            sample[QA_KEY] = [[np.asarray(q, np.int64), np.asarray(a, np.int64)] for q, a in pairs]
+            for key, files in _read_shard_safely(shard, self.stats):
+                try:
+                    sample = _decode_token_sample(shard, key, files, keep_set)
+                except ValueError as err:
+                    self.stats.bad_samples += 1
+                    logger.warning("skipping %s", err)
+                    continue
+                self.stats.samples += 1
                 if sample:
                     self.samples.append(sample)
+        self.stats.check(split_dir, max_bad_fraction)
         if not self.samples:
             raise ValueError(f"{str(split_dir)!r} holds no token samples with the modalities {sorted(keep_set or [])}")
         logger.info("loaded %d token samples from %s", len(self.samples), split_dir)
@@ -136,17 +214,21 @@ class RawShardSet:
     """
 
     def __init__(self, directory: str | Path, bundle_dir: str | Path, split: str = "train",
-                 keep: Sequence[str] | None = None) -> None:
+                 keep: Sequence[str] | None = None, max_bad_fraction: float = 0.05) -> None:
         self.directory = Path(directory)
         self.bundle_dir = str(bundle_dir)
         self.keep = None if keep is None else list(keep)
         split_dir = self.directory / split if (self.directory / split).is_dir() else self.directory
         self.files: list[dict[str, bytes]] = []
+        self.stats = ShardReadStats()
         for shard in _shard_paths(split_dir):
-            for key, files in _read_tar_samples(shard):
+            for key, files in _read_shard_safely(shard, self.stats):
                 files = {k: v for k, v in files.items() if k != "scene.json"}  # not a modality; saves memory
                 files["__key__"] = key  # type: ignore[assignment]
+                files["__url__"] = str(shard)  # type: ignore[assignment]
                 self.files.append(files)
+                self.stats.samples += 1
+        self.stats.check(split_dir, max_bad_fraction)
         if not self.files:
             raise ValueError(f"{str(split_dir)!r} holds no samples")
         self._bundle = None
@@ -160,6 +242,18 @@ class RawShardSet:
         return {**self.__dict__, "_bundle": None, "_resolution": None}
 
     def get(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` tokenized; a sample that fails to decode is logged and replaced by the next readable
+        one (deterministic, so the stream and resume stay exact)."""
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            try:
+                return self._get(i)
+            except ValueError as err:  # decode_sample / validate_sample name the sample and the problem
+                files = self.files[i]
+                logger.warning("skipping corrupt sample %s in %s: %s", files.get("__key__"), files.get("__url__"), err)
+        raise ValueError(f"no sample of {str(self.directory)!r} can be decoded; regenerate the shards")
+
+    def _get(self, index: int) -> dict[str, Any]:
         from training.data.reader import resize_sample
         from training.data.shards import decode_sample
 
@@ -191,13 +285,14 @@ class MixtureSource:
 
 
 def load_source(path: str | Path, split: str, bundle_dir: str | Path, tokenize_on_the_fly: bool,
-                modalities: Sequence[str] | None, weight: float = 1.0) -> MixtureSource:
-    """Load one split of a shard directory as a :class:`MixtureSource`."""
+                modalities: Sequence[str] | None, weight: float = 1.0, max_bad_fraction: float = 0.05
+                ) -> MixtureSource:
+    """Load one split of a shard directory as a :class:`MixtureSource` (corrupt data: see the module docstring)."""
     keep = None if modalities is None else list(modalities)
     if tokenize_on_the_fly:
-        samples: TokenShardSet | RawShardSet = RawShardSet(path, bundle_dir, split, keep)
+        samples: TokenShardSet | RawShardSet = RawShardSet(path, bundle_dir, split, keep, max_bad_fraction)
     else:
-        samples = TokenShardSet(path, split, keep)
+        samples = TokenShardSet(path, split, keep, max_bad_fraction)
     return MixtureSource(samples=samples, weight=float(weight), modalities=keep, name=f"{path}:{split}")
 
 
@@ -272,8 +367,29 @@ class MaskedStream(IterableDataset):
             step += 1
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, parent_pid: int | None = None) -> None:
     torch.set_num_threads(1)  # workers share the cores with the training process
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this DataLoader worker die as soon as the training process does, even after ``kill -9`` (Linux:
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere torch's own watchdog ends it within seconds)."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
@@ -289,7 +405,7 @@ def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Mo
         batch_size=micro_batch_size,
         collate_fn=partial(collate, pad_to_multiple_of=pad_to_multiple_of),
         num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=partial(_worker_init, parent_pid=os.getpid()) if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
@@ -300,14 +416,17 @@ def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Mo
 
 
 def build_val_batches(sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
-                      text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_batches: int,
+                      text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_samples: int,
                       num_processes: int = 1, rank: int = 0,
                       pad_to_multiple_of: int | None = None) -> list[MultimodalBatch]:
-    """The fixed validation micro-batches of this process (``num_batches`` per process, disjoint over ranks):
-    the same every evaluation, so validation losses are comparable across steps and runs."""
-    stream = MaskedStream(sources, modalities, masking, text_ids, seed, micro_batch_size, num_processes, rank,
-                          grad_accum_steps=num_batches, stream=VAL_STREAM)
+    """This process's share of the fixed validation set, in micro-batches of ``micro_batch_size``.
+
+    The set is samples ``0 .. num_samples - 1`` of the validation stream, whatever the number of processes;
+    process ``rank`` takes samples ``rank, rank + num_processes, ...``. The same every evaluation, so validation
+    losses are comparable across steps, runs and process counts (reduce token-weighted sums over processes)."""
+    stream = MaskedStream(sources, modalities, masking, text_ids, seed, micro_batch_size, stream=VAL_STREAM)
+    mine = list(range(rank, num_samples, num_processes))
     return [
-        collate([stream.sample_at(i) for i in stream.micro_batch_indices(0, k)], pad_to_multiple_of)
-        for k in range(num_batches)
+        collate([stream.sample_at(i) for i in mine[k : k + micro_batch_size]], pad_to_multiple_of)
+        for k in range(0, len(mine), micro_batch_size)
     ]

@@ -130,6 +130,9 @@ def pretokenize(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if out_dir.resolve() == data_dir.resolve():
         raise ValueError("--out must differ from --data: token shards would overwrite the raw shards")
+    from tokenizers_mm.io_atomic import atomic_directory, check_output_dir, write_json
+
+    check_output_dir(out_dir, what="--out directory")
     bundle = TokenizerBundle.from_pretrained(bundle_dir)
     splits = _split_dirs(data_dir)
     existing = list(out_dir.glob("**/*.tar")) if out_dir.exists() else []
@@ -148,9 +151,10 @@ def pretokenize(
     longest = {"caption": 0, "question": 0, "answer": 0, "det": 0}
     start = time.perf_counter()
     bar = tqdm(total=total, desc="tokenizing", unit="sample", disable=not progress, mininterval=0.5)
-    with torch.inference_mode():
+    # staged beside out_dir and moved in when complete: a failure leaves nothing new behind
+    with torch.inference_mode(), atomic_directory(out_dir) as stage:
         for split, split_dir in splits:
-            target = out_dir / split if split else out_dir
+            target = stage / split if split else stage
             target.mkdir(parents=True, exist_ok=True)
             counts[split or "all"] = 0
             for shard in sorted(split_dir.glob("*.tar")):
@@ -174,25 +178,22 @@ def pretokenize(
                         longest["answer"] = max(longest["answer"], len(a))
                 _write_shard(target / shard.name, tokens)
                 counts[split or "all"] += len(tokens)
-    bar.close()
-    seconds = time.perf_counter() - start
-    num = sum(counts.values())
-    max_lengths = {k: v for k, v in longest.items() if v > 0}
-    specs = bundle.modalities({k: longest[k] for k in longest}) if "text" in bundle else bundle.modalities()
-    meta = {
-        "format": TOKEN_FORMAT,
-        "version": 1,
-        "bundle": str(bundle_dir.resolve()),
-        "source": str(data_dir.resolve()),
-        "splits": counts,
-        "max_lengths": max_lengths,
-        "modalities": list(specs),
-        "source_meta": raw_meta,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ("meta.json" + _INCOMPLETE)
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / "meta.json")
+        bar.close()
+        seconds = time.perf_counter() - start
+        num = sum(counts.values())
+        max_lengths = {k: v for k, v in longest.items() if v > 0}
+        specs = bundle.modalities({k: longest[k] for k in longest}) if "text" in bundle else bundle.modalities()
+        meta = {
+            "format": TOKEN_FORMAT,
+            "version": 1,
+            "bundle": str(bundle_dir.resolve()),
+            "source": str(data_dir.resolve()),
+            "splits": counts,
+            "max_lengths": max_lengths,
+            "modalities": list(specs),
+            "source_meta": raw_meta,
+        }
+        write_json(stage / "meta.json", meta)
     result = {"out_dir": str(out_dir), "bundle": meta["bundle"], "splits": counts, "num_samples": num,
               "seconds": round(seconds, 2), "samples_per_second": round(num / max(seconds, 1e-9), 1),
               "max_lengths": max_lengths, "modalities": list(specs)}

@@ -339,9 +339,11 @@ def train_vq_tokenizer(
         )
 
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        model.save_pretrained(out_dir)
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        from tokenizers_mm.io_atomic import atomic_directory, write_json
+
+        with atomic_directory(out_dir) as stage:  # weights, config and metrics together, or nothing
+            model.save_pretrained(stage)
+            write_json(stage / "metrics.json", result)
     result["tokenizer"] = model
     return result
 

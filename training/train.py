@@ -100,7 +100,7 @@ def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: Tra
     from accelerate.utils import DistributedType
 
     from onemodel.model import OneModel
-    from training.checkpointing import replace_dir_atomic, write_json_atomic
+    from training.checkpointing import raise_as_output_error, replace_dir_atomic, write_json_atomic
 
     if accelerator.distributed_type == DistributedType.FSDP:
         state = accelerator.get_state_dict(model)  # full state dict, gathered on the main process
@@ -115,9 +115,14 @@ def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: Tra
         tmp = out_dir / "model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        to_save.save_pretrained(tmp)
-        shutil.copytree(config.tokenizers, tmp / "tokenizers")
-        write_json_atomic(tmp / "train_config.json", {"step": step, "config": config.to_dict()})
+        try:
+            to_save.save_pretrained(tmp)
+            shutil.copytree(config.tokenizers, tmp / "tokenizers")
+            write_json_atomic(tmp / "train_config.json", {"step": step, "config": config.to_dict()})
+        except Exception as err:  # full disk, ...: nothing half-written is left, one line says what to do
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise_as_output_error(final, err)
+            raise
         replace_dir_atomic(tmp, final)
         logger.info("saved model directory %s (step %d)", final, step)
     accelerator.wait_for_everyone()
@@ -136,7 +141,8 @@ def _reduce_sums(accelerator: Any, values: list[float]) -> list[float]:
 
 
 def _evaluate(accelerator: Any, model: Any, val_batches: list[Any], names: list[str]) -> dict[str, float]:
-    """Mean validation loss per modality over the fixed validation batches of all processes, and their mean."""
+    """Validation loss per modality (cross-entropy per target token over the fixed validation set, summed over
+    processes, so it does not depend on the process count or micro-batch size), and their mean."""
     import torch
 
     sums, counts = [0.0] * len(names), [0.0] * len(names)
@@ -144,11 +150,13 @@ def _evaluate(accelerator: Any, model: Any, val_batches: list[Any], names: list[
     model.eval()
     with torch.no_grad():
         for batch in val_batches:
+            # target tokens per modality (dec_mod holds the modality index = position in names)
+            n_targets = torch.bincount(batch.dec_mod[batch.dec_mask].flatten(), minlength=len(names)).tolist()
             out = model(batch.to(accelerator.device))
             for name, loss in out.losses.items():
                 i = names.index(name)
-                sums[i] += float(loss)
-                counts[i] += 1.0
+                sums[i] += float(loss) * n_targets[i]
+                counts[i] += float(n_targets[i])
     model.train(was_training)
     totals = _reduce_sums(accelerator, sums + counts)
     sums, counts = totals[: len(names)], totals[len(names):]
@@ -180,6 +188,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     from tokenizers_mm.bundle import TokenizerBundle
     from training.checkpointing import latest_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
     from training.loader import build_train_loader, build_val_batches, load_source
+    from tokenizers_mm.io_atomic import check_output_dir
     from training.run_log import MetricsLog
 
     # ---- config: fail fast, before any model or data is built
@@ -212,6 +221,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     out_dir = Path(ckpt_cfg.out_dir)
+    check_output_dir(out_dir, what="checkpoint.out_dir")  # a file, read-only, full disk: fail before any work
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
     if not resume and latest_checkpoint(ckpt_dir) is not None:
@@ -229,7 +239,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
     data_cfg = config.data
     sources = [
-        load_source(s.path, s.split, config.tokenizers, s.tokenize_on_the_fly, s.modalities, s.weight)
+        load_source(s.path, s.split, config.tokenizers, s.tokenize_on_the_fly, s.modalities, s.weight,
+                    data_cfg.max_bad_fraction)
         for s in data_cfg.sources
     ]
     val_sources = []
@@ -237,7 +248,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         for s in data_cfg.sources:
             if (Path(s.path) / data_cfg.val_split).is_dir():
                 val_sources.append(load_source(s.path, data_cfg.val_split, config.tokenizers, s.tokenize_on_the_fly,
-                                               s.modalities, s.weight))
+                                               s.modalities, s.weight, data_cfg.max_bad_fraction))
             else:
                 logger.warning("data source %s has no %r split: not used for validation", s.path, data_cfg.val_split)
     pad = 8 if accelerator.device.type == "cuda" else None
@@ -275,9 +286,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         accelerator.process_index, accum, start_step, end_step, data_cfg.num_workers, pad_to_multiple_of=pad,
         pin_memory=accelerator.device.type == "cuda",
     )
+    # the validation set: eval_batches x batch_size samples, the same for any process count
     val_batches = build_val_batches(val_sources, modalities, config.masking, text_ids, data_cfg.seed, micro,
-                                    log_cfg.eval_batches, num_processes, accelerator.process_index, pad) \
-        if val_sources else []
+                                    log_cfg.eval_batches * optim.batch_size, num_processes,
+                                    accelerator.process_index, pad) if val_sources else []
 
     local_tokens = 0  # input + target tokens this process consumed in this run (counted on the CPU batch)
 
@@ -372,6 +384,11 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         checkpoint_now(start_step)  # resumed a finished run whose model directory went missing
     wall = time.perf_counter() - t_start
     run_tokens = global_tokens()
+    skipped = {"shards": sum(s.samples.stats.bad_shards for s in sources + val_sources),
+               "samples": sum(s.samples.stats.bad_samples for s in sources + val_sources)}
+    if skipped["shards"] or skipped["samples"]:
+        logger.warning("corrupt data skipped in this run: %d shard(s), %d sample(s) (see the warnings at loading)",
+                       skipped["shards"], skipped["samples"])
     if metrics:
         metrics.close()
     summary = {
@@ -383,6 +400,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         "tokens_per_s": run_tokens / wall if wall > 0 else 0.0,
         "train_loss": train_loss,
         "val": val_result,
+        "skipped": skipped,
         "num_params": n_params,
         "num_processes": num_processes,
         "micro_batch_size": micro,

@@ -432,13 +432,12 @@ def make_shapes_dataset(
     from training.data.shards import read_meta, write_meta, write_shards
 
     resolution = _check_resolution(resolution)
-    for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if num_train + num_val + num_test == 0:
-        raise ValueError("nothing to generate: all split sizes are 0")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 0), ("num_test", num_test, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            flag = {"num_train": "--num", "num_val": "--num-val", "num_test": "--num-test"}[name]
+            raise ValueError(f"{name} ({flag}) must be an int >= {low}, got {value!r}")
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard (--samples-per-shard) must be an int >= 1, got {samples_per_shard!r}")
     out = Path(out_dir)
     config = _dataset_config(num_train, num_val, num_test, resolution, samples_per_shard)
     if not force and (out / "meta.json").exists():
@@ -451,38 +450,40 @@ def make_shapes_dataset(
         if same and shards_ok:
             logger.info("shapes dataset in %s is complete with the same config: not regenerating", out)
             return {**meta, "cached": True, "seconds": 0.0}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+    from tokenizers_mm.io_atomic import atomic_directory
+
     start = time.perf_counter()
     shard_paths: list[str] = []
     bytes_total = 0
+    # staged beside out/ and moved in when complete: a failure (full disk, Ctrl-C) leaves out/ as it was
+    with atomic_directory(out) as stage:
+        for split, num in config["splits"].items():
+            if num == 0:
+                continue
+            paths = write_shards(
+                generate_split(split, num, resolution),
+                stage / split,
+                samples_per_shard=samples_per_shard,
+                progress=progress,
+                total=num,
+                desc=f"shapes {split}",
+            )
+            shard_paths += [str(p.relative_to(stage)) for p in paths]
+            bytes_total += sum(p.stat().st_size for p in paths)
+        meta = {
+            **config,
+            "semseg_classes": list(SEMSEG_CLASSES),
+            "box_classes": list(BOX_CLASSES),
+            "colors": {k: list(v) for k, v in COLORS.items()},
+            "num_samples": num_train + num_val + num_test,
+            "shards": shard_paths,
+            "bytes": bytes_total,
+            "complete": True,
+        }
+        write_meta(stage, meta)
     for split, num in config["splits"].items():
-        split_dir = out / split
-        if split_dir.exists():
-            shutil.rmtree(split_dir)
-        if num == 0:
-            continue
-        paths = write_shards(
-            generate_split(split, num, resolution),
-            split_dir,
-            samples_per_shard=samples_per_shard,
-            progress=progress,
-            total=num,
-            desc=f"shapes {split}",
-        )
-        shard_paths += [str(p.relative_to(out)) for p in paths]
-        bytes_total += sum(p.stat().st_size for p in paths)
+        if num == 0 and (out / split).exists():
+            shutil.rmtree(out / split)  # a split this dataset no longer has
     seconds = time.perf_counter() - start
-    meta = {
-        **config,
-        "semseg_classes": list(SEMSEG_CLASSES),
-        "box_classes": list(BOX_CLASSES),
-        "colors": {k: list(v) for k, v in COLORS.items()},
-        "num_samples": num_train + num_val + num_test,
-        "shards": shard_paths,
-        "bytes": bytes_total,
-        "complete": True,
-    }
-    write_meta(out, meta)
     logger.info("wrote %d shapes samples to %s in %.1f s", meta["num_samples"], out, seconds)
     return {**meta, "cached": False, "seconds": seconds}

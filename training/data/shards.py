@@ -204,28 +204,29 @@ def write_shards(
 ) -> list[Path]:
     """Write raw samples to ``out_dir/shard-000000.tar``, ``shard-000001.tar``, ...; return the shard paths.
 
-    Each shard is written as ``shard-NNNNNN.tar.incomplete`` and renamed when it is complete (after an fsync);
-    if ``samples`` raises, the incomplete file is removed and the error propagates, so ``out_dir`` only ever
-    holds complete shards (a process killed outright leaves at most one ``*.incomplete`` file, which readers
-    ignore). ``out_dir`` must not already hold shards unless ``overwrite`` (they are then deleted first).
-    Duplicate ``__key__`` values are an error.
+    All or nothing: each shard is written as ``shard-NNNNNN.tar.incomplete`` (fsynced), and only when every
+    sample is written are the old shards removed (``overwrite``) and the new ones renamed to their final names.
+    If ``samples`` raises or a write fails (full disk: a one-line ``OutputPathError``), the new files and the
+    directories this call created are removed and the error propagates, so a failed call leaves nothing new
+    behind (a process killed outright leaves ``*.incomplete`` files, which readers ignore and the next call
+    removes). No sample: nothing is written, no directory created. ``out_dir`` must not already hold shards unless
+    ``overwrite``. Duplicate ``__key__`` values are an error.
     """
     import webdataset as wds
     from tqdm.auto import tqdm
 
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be an int >= 1, got {samples_per_shard!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = _existing_shards(out)
-    if existing:
-        if not overwrite:
-            raise ValueError(
-                f"{out} already holds {len(existing)} shard file(s); choose an empty directory or overwrite"
-            )
-        for path in existing:
-            path.unlink()
-    written: list[Path] = []
+    from tokenizers_mm.io_atomic import STORAGE_ERRNOS, check_output_dir, make_dirs, output_error, remove_dirs
+
+    out = check_output_dir(Path(out_dir))
+    for stale in sorted(out.glob("shard-*.tar" + INCOMPLETE_SUFFIX)) if out.is_dir() else []:
+        stale.unlink()  # left by a killed run
+    existing = _existing_shards(out) if out.is_dir() else []
+    if existing and not overwrite:
+        raise ValueError(f"{out} already holds {len(existing)} shard file(s); choose an empty directory or overwrite")
+    incomplete: list[Path] = []
+    created: list[Path] = []
     seen: set[str] = set()
     writer = stream = tmp = None
     count = 0
@@ -237,11 +238,10 @@ def write_shards(
         stream.flush()
         os.fsync(stream.fileno())
         stream.close()
-        final = tmp.with_name(tmp.name[: -len(INCOMPLETE_SUFFIX)])
-        os.replace(tmp, final)
-        written.append(final)
+        incomplete.append(tmp)
         writer = stream = tmp = None
 
+    ok = False
     try:
         for sample in samples:
             encoded = encode_sample(sample)
@@ -250,7 +250,9 @@ def write_shards(
                 raise ValueError(f"duplicate sample key {key!r}: every sample needs a unique __key__")
             seen.add(key)
             if writer is None:
-                tmp = out / (SHARD_PATTERN.format(index=len(written)) + INCOMPLETE_SUFFIX)
+                if not incomplete:
+                    created = make_dirs(out)
+                tmp = out / (SHARD_PATTERN.format(index=len(incomplete)) + INCOMPLETE_SUFFIX)
                 stream = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or below
                 writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
             writer.write(encoded)
@@ -261,27 +263,41 @@ def write_shards(
                 count = 0
         if writer is not None:
             finish()
+        for path in existing:  # overwrite: the old shards go only now, when every new one is complete
+            path.unlink()
+        written = []
+        for path in incomplete:
+            final = path.with_name(path.name[: -len(INCOMPLETE_SUFFIX)])
+            os.replace(path, final)
+            written.append(final)
+        ok = True
+    except OSError as err:  # about the output (full disk, read-only, ...) -> one line naming it
+        if err.errno in STORAGE_ERRNOS or str(out) in str(err.filename or ""):
+            raise output_error(tmp or out, err) from err
+        raise
     finally:
         bar.close()
-        if writer is not None:  # interrupted mid-shard: drop the partial file
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001 - best effort: the file is deleted anyway
-                pass
-            stream.close()
-            tmp.unlink(missing_ok=True)
-            logger.warning("interrupted: removed the incomplete shard %s", tmp)
+        if not ok:  # failed or interrupted: drop every new file and the directories this call created
+            if writer is not None:
+                for close in (writer.close, stream.close):
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - best effort (a full disk fails again): the file goes anyway
+                        pass
+                incomplete.append(tmp)
+            for path in incomplete:
+                path.unlink(missing_ok=True)
+            remove_dirs(created)
+            if incomplete:
+                logger.warning("interrupted: removed %d incomplete shard(s) in %s", len(incomplete), out)
     return written
 
 
 def write_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``directory/meta.json`` atomically (temporary file + rename); return its path."""
-    path = Path(directory) / "meta.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("meta.json" + INCOMPLETE_SUFFIX)
-    tmp.write_text(json.dumps(meta, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from tokenizers_mm.io_atomic import write_json
+
+    return write_json(Path(directory) / "meta.json", meta, default=_json_default)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

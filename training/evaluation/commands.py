@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if not model.exists():
         raise FileNotFoundError(f"no model at {model}: train one with `onemodel train` (or run `onemodel demo`)")
     out = Path(args.out) if args.out else model / "eval"
+    from tokenizers_mm.io_atomic import check_output_dir
+
+    check_output_dir(out, what="--out directory")  # before the (long) evaluation
     log = Path(args.metrics_log) if args.metrics_log else next(
         (p for p in (model / "metrics.jsonl", model.parent / "metrics.jsonl") if p.is_file()), None
     )

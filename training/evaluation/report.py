@@ -520,40 +520,41 @@ def write_report(
 
     metrics_log: a JSONL metrics log (``training/run_log.py`` format); its curves go to ``curves.png``.
     """
+    from tokenizers_mm.io_atomic import atomic_directory, save_image, write_json, write_text
     from training.run_log import read_metrics
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     examples = examples or {}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    table_md = metrics_markdown_table(results) if results else "(no metrics)\n"
-    (out / "metrics.md").write_text(f"# {title}\n\n{table_md}")
-    parts = [
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-        "<h2 id='metrics'>Metrics</h2>",
-        metrics_html_table(results) if results else "<p>No metrics.</p>",
-    ]
-    for task, task_examples in examples.items():
-        if not task_examples:
-            continue
-        name = f"examples_{_safe_name(task)}.png"
-        example_grid(task_examples, title=task).save(out / name)
-        parts.append(f"<h2 id='task-{html.escape(_safe_name(task))}'>{html.escape(task)}</h2>")
-        parts.append("<p>inputs | prediction | ground truth</p>")
-        parts.append(f"<img src='{name}' alt='{html.escape(task)} examples'>")
-    parts.append("<h2 id='curves'>Training curves</h2>")
-    if metrics_log is not None and Path(metrics_log).is_file() and read_metrics(metrics_log):
-        try:
-            training_curves(read_metrics(metrics_log)).save(out / "curves.png")
-            parts.append(f"<p>From <code>{html.escape(str(metrics_log))}</code>.</p>")
-            parts.append("<img src='curves.png' alt='training curves'>")
-        except ValueError as err:
-            parts.append(f"<p>{html.escape(str(err))}</p>")
-    else:
-        parts.append("<p>No metrics log given.</p>")
-    parts.append("</body></html>\n")
+    with atomic_directory(out) as stage:  # every file of the report, or none
+        write_json(stage / "results.json", results, default=_json_default)
+        table_md = metrics_markdown_table(results) if results else "(no metrics)\n"
+        write_text(stage / "metrics.md", f"# {title}\n\n{table_md}")
+        parts = [
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+            "<h2 id='metrics'>Metrics</h2>",
+            metrics_html_table(results) if results else "<p>No metrics.</p>",
+        ]
+        for task, task_examples in examples.items():
+            if not task_examples:
+                continue
+            name = f"examples_{_safe_name(task)}.png"
+            save_image(stage / name, example_grid(task_examples, title=task))
+            parts.append(f"<h2 id='task-{html.escape(_safe_name(task))}'>{html.escape(task)}</h2>")
+            parts.append("<p>inputs | prediction | ground truth</p>")
+            parts.append(f"<img src='{name}' alt='{html.escape(task)} examples'>")
+        parts.append("<h2 id='curves'>Training curves</h2>")
+        if metrics_log is not None and Path(metrics_log).is_file() and read_metrics(metrics_log):
+            try:
+                save_image(stage / "curves.png", training_curves(read_metrics(metrics_log)))
+                parts.append(f"<p>From <code>{html.escape(str(metrics_log))}</code>.</p>")
+                parts.append("<img src='curves.png' alt='training curves'>")
+            except ValueError as err:
+                parts.append(f"<p>{html.escape(str(err))}</p>")
+        else:
+            parts.append("<p>No metrics log given.</p>")
+        parts.append("</body></html>\n")
+        write_text(stage / "report.html", "\n".join(parts))
     page = out / "report.html"
-    page.write_text("\n".join(parts))
     logger.info("wrote the evaluation report to %s", page)
     return page
