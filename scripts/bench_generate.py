@@ -16,13 +16,11 @@ Sequences are generated to their full length (no eos) so every run does the same
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -144,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from tokenizers_mm.io_atomic import write_json
+
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 

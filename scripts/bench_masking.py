@@ -11,7 +11,6 @@ whole target, span-masked (both) or unused, and the mean tokens per modality, un
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -86,8 +85,9 @@ def main() -> None:
             line += f"   {r['input']:.0%} / {r['target']:.0%} / {r['span']:.0%} / {r['none']:.0%}"
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        from tokenizers_mm.io_atomic import write_json
+
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -324,8 +324,9 @@ def main(argv=None) -> int:
     out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
            "peak_flops": peaks, "rows": rows}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        from tokenizers_mm.io_atomic import write_json
+
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 

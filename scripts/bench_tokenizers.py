@@ -10,11 +10,9 @@ are wall-clock medians over ``--repeats`` runs after one warm-up; other processe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 
 def _median_rate(fn, n_items: int, repeats: int) -> float:
@@ -95,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['tokenizer']:<10} {r['grid']:>6} {r['vocab']:>6} {r['encode_per_s']:>10.1f} {r['decode_per_s']:>10.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "batch_size": args.batch_size,
-                                               "repeats": args.repeats, "results": rows}, indent=2) + "\n")
+        from tokenizers_mm.io_atomic import write_json
+
+        write_json(args.json, {"threads": args.threads, "batch_size": args.batch_size, "repeats": args.repeats,
+                               "results": rows})
     return 0
 
 

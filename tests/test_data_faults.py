@@ -84,7 +84,7 @@ def _tiny():
     return build_tiny_pipeline()
 
 
-def test_train_with_a_corrupt_token_shard(tmp_path):
+def test_train_with_a_corrupt_token_shard(tmp_path, capsys):
     from onemodel.cli import main
     from test_train import tiny_overrides
 
@@ -95,7 +95,12 @@ def test_train_with_a_corrupt_token_shard(tmp_path):
     overrides = [o if not o.startswith("data.sources=") else f"data.sources=[{{path: {tokens}}}]"
                  for o in tiny_overrides(tiny, tmp_path / "run", "optim.max_steps=2", "logging.eval_batches=1")]
     rc = main(["train", *overrides])  # 1 of 3 shards corrupt: above the default 5%
-    assert rc == 2
+    assert rc == 2 and "data.max_bad_fraction=0.05" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["train", *overrides, f"checkpoint.out_dir={tmp_path / 'file'}", "data.max_bad_fraction=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "exists and is a file, not a directory; remove it or choose another" in err
+    assert "checkpoint.out_dir" in err
     from training.config import load_train_config
     from training.train import train
 

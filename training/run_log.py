@@ -30,13 +30,14 @@ class MetricsLog:
     def __init__(self, out_dir: str | Path, tensorboard: bool = False, truncate_after_step: int | None = None) -> None:
         """Open ``out_dir/metrics.jsonl``; when resuming, drop lines logged after ``truncate_after_step`` (they
         belong to steps the resumed run will redo)."""
+        from tokenizers_mm.io_atomic import write_text
+
         self.path = Path(out_dir) / METRICS_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
+            write_text(self.path, "")
+        elif self.path.exists():  # rewritten atomically: a crash here keeps the old log
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")
         self._writer = None
         if tensorboard:
