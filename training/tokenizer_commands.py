@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         train_vq_tokenizer,
     )
 
+    from tokenizers_mm.io_atomic import check_output_dir
+
+    check_output_dir(args.out, what="--out directory")  # before training, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.modality == "text":
