@@ -432,10 +432,11 @@ def make_shapes_dataset(
     from training.data.shards import read_meta, write_meta, write_shards
 
     resolution = _check_resolution(resolution)
-    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 0), ("num_test", num_test, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            flag = {"num_train": "--num", "num_val": "--num-val", "num_test": "--num-test"}[name]
-            raise ValueError(f"{name} ({flag}) must be an int >= {low}, got {value!r}")
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if num_train + num_val + num_test == 0:
+        raise ValueError("nothing to generate: all split sizes are 0; pass num_train >= 1 (CLI: --num)")
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard (--samples-per-shard) must be an int >= 1, got {samples_per_shard!r}")
     out = Path(out_dir)

@@ -153,7 +153,8 @@ def evaluate_samples(
     k = max(0, num_examples)
 
     def opts(task: str) -> dict[str, Any]:
-        return dict(sampling.get(task, {}))
+        # held-out texts longer than the model's max_length are cut (with a warning) so every sample is scored
+        return {"truncate": True, **sampling.get(task, {})}
 
     for task in tasks:
         t0 = time.perf_counter()
