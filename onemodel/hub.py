@@ -93,7 +93,8 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: save_pretrained writes {WEIGHTS_NAME} beside {CONFIG_NAME}")
-    loaded, _ = read_safetensors(weights, device=str(map_location), fix="re-export it with save_pretrained(), or retrain")
+    loaded, _ = read_safetensors(weights, device=str(map_location),
+                                 fix="re-export it with save_pretrained(), or retrain")
 
     model = OneModel(config)
     expected = model.state_dict()

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _token_samples(start: int, n: int) -> list[dict]:
-    return [{"__key__": f"s{i:04d}", "caption": np.arange(3, 9), "rgb": np.arange(300) + i} for i in range(start, start + n)]
+    return [{"__key__": f"s{i:04d}", "caption": np.arange(3, 9), "rgb": np.arange(300) + i}
+            for i in range(start, start + n)]
 
 
 def _pickled_npy() -> bytes:

@@ -19,13 +19,12 @@ API::
         write_somehow(tmp)
 
     # a set of files in one directory (generate --out, a report, a model directory, a dataset):
-    with atomic_directory("out") as tmp:                 # tmp: a hidden staging directory beside "out"
+    with atomic_directory("out") as tmp:                 # tmp: a hidden staging directory beside (or in) "out"
         save_npy(tmp / "depth.npy", depth)               # (plain writes inside tmp are fine too)
         (tmp / "sub").mkdir()
     # success: every top-level entry of tmp replaces the entry of the same name in "out" (mode="merge", other
-    # entries of "out" are kept), or "out" is replaced as a whole (mode="replace"); "out" and any missing
-    # parents are created only now. Failure (any exception): tmp and the parents it created are removed,
-    # "out" is untouched.
+    # entries of "out" are kept), or "out" is replaced as a whole (mode="replace"); a new "out" appears only now.
+    # Failure (any exception): tmp and the missing parents it had to create are removed, "out" is untouched.
 
     # writers that manage their own temporary names (shards): create directories, undo on failure
     created = make_dirs("data/mine/train")              # the directories it created, outermost first
@@ -100,7 +99,8 @@ class OutputPathError(OSError, ValueError):
     """An output path cannot be written: one line naming the path, the problem and the fix."""
 
     def __init__(self, path: str | Path, problem: str, fix: str, err_no: int | None = None) -> None:
-        super().__init__(err_no if err_no is not None else errno.EINVAL, f"cannot write {str(path)!r}: {problem}; {fix}")
+        message = f"cannot write {str(path)!r}: {problem}; {fix}"
+        super().__init__(err_no if err_no is not None else errno.EINVAL, message)
         self.filename = str(path)
         self.problem, self.fix = problem, fix
 
@@ -279,6 +279,15 @@ def _remove_dirs(created: list[Path]) -> None:
             pass
 
 
+def _relative(name: Any, staging: Path) -> Path | None:
+    if not isinstance(name, str):
+        return None
+    try:
+        return Path(name).relative_to(staging)
+    except ValueError:
+        return None
+
+
 def _translate(err: OSError, staging: Path, target: Path) -> OSError:
     """An OSError raised while writing into ``staging``: name the final path instead of the staging one.
     Errors about other paths (an input file that does not exist) are returned unchanged."""
@@ -317,22 +326,23 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as err:
-        full = _is_full(path.parent) if isinstance(err, Exception) else False
+        full = isinstance(err, OSError) and _is_full(path.parent)
         _remove(tmp)
         _remove_dirs(created)
-        if full and not isinstance(err, OutputPathError):  # numpy / safetensors report a full disk in their own words
+        if full and not isinstance(err, OutputPathError):  # numpy reports a full disk in its own words
             raise output_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from err
         if isinstance(err, OSError) and not isinstance(err, OutputPathError):
-            about_output = err.filename in (str(tmp), str(path)) or (err.filename is None and err.errno in STORAGE_ERRNOS)
-            if about_output:
+            named = err.filename in (str(tmp), str(path))
+            if named or (err.filename is None and err.errno in STORAGE_ERRNOS):
                 raise output_error(path, err) from err
         raise
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, mode: str = "merge") -> Iterator[Path]:
-    """Yield a hidden staging directory beside ``path``; move its contents into ``path`` when the block ends
-    without an exception. ``mode="merge"``: each top-level entry replaces the one of the same name in ``path``
+    """Yield a hidden staging directory beside ``path`` (in it, when ``path`` exists and ``mode="merge"``: the
+    renames then stay on one filesystem even for a mount point); move its contents into ``path`` when the block
+    ends without an exception. ``mode="merge"``: each top-level entry replaces the one of the same name in ``path``
     (others are kept); ``mode="replace"``: ``path`` is replaced as a whole. On failure nothing new is left behind.
     """
     if mode not in ("merge", "replace"):
@@ -353,12 +363,16 @@ def atomic_directory(path: str | Path, mode: str = "merge") -> Iterator[Path]:
         yield staging
         _commit_directory(staging, path, mode)
     except BaseException as err:
-        full = _is_full(staging) if isinstance(err, Exception) else False
+        full = isinstance(err, OSError) and _is_full(staging)
         _remove(staging)
         _remove_dirs(created)
         if full and not isinstance(err, OutputPathError):
             raise output_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from err
-        if isinstance(err, OSError) and not isinstance(err, OutputPathError):
+        if isinstance(err, OutputPathError):  # raised by a nested writer: name the final path, not the staging one
+            rel = _relative(err.filename, staging)
+            if rel is not None:
+                raise OutputPathError(path / rel, err.problem, err.fix, err.errno) from err
+        elif isinstance(err, OSError):
             translated = _translate(err, staging, path)
             if translated is not err:
                 raise translated from err
@@ -461,7 +475,8 @@ def read_safetensors(path: str | Path, device: str = "cpu", fix: str = "re-expor
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file")
+        problem = "does not exist" if not path.exists() else "is not a file"
+        raise FileNotFoundError(f"{str(path)!r} {problem}")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})

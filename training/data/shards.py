@@ -289,7 +289,8 @@ def write_shards(
                 path.unlink(missing_ok=True)
             remove_dirs(created)
             if incomplete:
-                logger.warning("interrupted: removed %d incomplete shard(s) in %s", len(incomplete), out)
+                logger.warning("write failed or interrupted: removed %d unfinished shard(s) in %s", len(incomplete),
+                               out)
     return written
 
 
