@@ -156,3 +156,17 @@ def test_dataloader_worker_dies_with_a_killed_trainer(tmp_path):
             proc.wait()
         for w in _children(proc.pid):
             os.kill(w, signal.SIGKILL)
+
+
+def test_checkpoint_on_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, full_dir, capsys):
+    from onemodel.cli import main
+    from test_train import tiny_overrides
+
+    tiny = _tiny()
+    run = full_dir / "run"
+    rc = main(["train", *tiny_overrides(tiny, run, "optim.max_steps=2", "logging.eval_batches=1")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no space left on device; free some space or choose another directory" in err and str(run) in err
+    leftovers = [p.name for p in run.rglob("*")] if run.exists() else []
+    assert not [n for n in leftovers if n.endswith(".tmp") or n.startswith("step_") or "partial" in n], leftovers

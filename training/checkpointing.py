@@ -32,7 +32,7 @@ __all__ = [
     "save_checkpoint",
     "write_json_atomic",
     "replace_dir_atomic",
-    "raise_as_output_error",
+    "as_output_error",
 ]
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -97,8 +97,10 @@ def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state:
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
     except Exception as err:  # full disk, ...: drop the partial checkpoint, say where and what to do
+        translated = as_output_error(final, err)  # before the removal frees the space
         shutil.rmtree(tmp, ignore_errors=True)
-        raise_as_output_error(final, err)
+        if translated is not None:
+            raise translated from err
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -115,19 +117,21 @@ def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state:
     return final
 
 
-def raise_as_output_error(final: Path, err: Exception) -> None:
-    """Re-raise a failed write under ``final`` as a one-line ``OutputPathError`` when it is about the disk."""
+def as_output_error(final: Path, err: Exception) -> Exception | None:
+    """A failed write under ``final`` as a one-line ``OutputPathError`` when it is about the disk (full, read-only,
+    ...), else None. Call it before removing the partial output (that frees the space it looks at)."""
     import errno as errno_mod
 
     from tokenizers_mm.io_atomic import OutputPathError, output_error
 
     if isinstance(err, OutputPathError):
-        raise err
+        return err
     if isinstance(err, OSError) and err.errno is not None:
-        raise output_error(final, err) from err
+        return output_error(final, err)
     st = os.statvfs(final.parent) if final.parent.is_dir() else None
-    if "No space left" in str(err) or (st is not None and st.f_bavail == 0):
-        raise output_error(final, OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))) from err
+    if "No space left" in str(err) or "os error 28" in str(err) or (st is not None and st.f_bavail == 0):
+        return output_error(final, OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC)))
+    return None
 
 
 def replace_dir_atomic(tmp: Path, final: Path) -> None:

@@ -100,7 +100,7 @@ def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: Tra
     from accelerate.utils import DistributedType
 
     from onemodel.model import OneModel
-    from training.checkpointing import raise_as_output_error, replace_dir_atomic, write_json_atomic
+    from training.checkpointing import as_output_error, replace_dir_atomic, write_json_atomic
 
     if accelerator.distributed_type == DistributedType.FSDP:
         state = accelerator.get_state_dict(model)  # full state dict, gathered on the main process
@@ -120,8 +120,10 @@ def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: Tra
             shutil.copytree(config.tokenizers, tmp / "tokenizers")
             write_json_atomic(tmp / "train_config.json", {"step": step, "config": config.to_dict()})
         except Exception as err:  # full disk, ...: nothing half-written is left, one line says what to do
+            translated = as_output_error(final, err)  # before the removal frees the space
             shutil.rmtree(tmp, ignore_errors=True)
-            raise_as_output_error(final, err)
+            if translated is not None:
+                raise translated from err
             raise
         replace_dir_atomic(tmp, final)
         logger.info("saved model directory %s (step %d)", final, step)
