@@ -60,7 +60,7 @@ def full_dir(tmp_path, monkeypatch):
     from tokenizers_mm import io_atomic
 
     target.mkdir()
-    monkeypatch.setattr(io_atomic, "_is_full", lambda directory: str(target) in str(directory))
+    monkeypatch.setattr(io_atomic, "is_disk_full", lambda directory: str(target) in str(directory))
     yield target
 
 

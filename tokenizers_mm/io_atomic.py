@@ -33,6 +33,7 @@ API::
     # up-front checks (cheap; the writes above check again and translate their own OSErrors):
     check_output_dir("out", what="--out")                # exists as a file? not writable? read-only? disk full?
     check_output_file("out/report.html", what="--report")
+    is_disk_full("out")                                  # no block left on its filesystem (after a failed write)
 
     # reading: every safetensors read goes through this one function
     tensors, metadata = read_safetensors("m/model.safetensors", device="cpu")   # bad file -> ValueError
@@ -71,6 +72,7 @@ __all__ = [
     "read_safetensors",
     "make_dirs",
     "remove_dirs",
+    "is_disk_full",
     "PARTIAL_MARK",
     "STORAGE_ERRNOS",
 ]
@@ -133,15 +135,15 @@ def _check_writable_dir(directory: Path, target: Path, what: str) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         code = errno.EROFS if _is_read_only_fs(directory) else errno.EACCES
         raise output_error(target, OSError(code, os.strerror(code)))
-    if _is_full(directory):
+    if is_disk_full(directory):
         raise output_error(target, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
 
-def _is_full(directory: Path) -> bool:
+def is_disk_full(directory: Path) -> bool:
     """True when the filesystem holding ``directory`` has no block left for us."""
     try:
         st = os.statvfs(_nearest_existing(directory))
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
         return False
     return st.f_bavail == 0 and st.f_blocks > 0
 
@@ -149,7 +151,7 @@ def _is_full(directory: Path) -> bool:
 def _is_read_only_fs(directory: Path) -> bool:
     try:
         return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
+    except (OSError, AttributeError):
         return False
 
 
@@ -326,7 +328,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as err:
-        full = isinstance(err, OSError) and _is_full(path.parent)
+        full = isinstance(err, OSError) and is_disk_full(path.parent)
         _remove(tmp)
         _remove_dirs(created)
         if full and not isinstance(err, OutputPathError):  # numpy reports a full disk in its own words
@@ -363,7 +365,7 @@ def atomic_directory(path: str | Path, mode: str = "merge") -> Iterator[Path]:
         yield staging
         _commit_directory(staging, path, mode)
     except BaseException as err:
-        full = isinstance(err, OSError) and _is_full(staging)
+        full = isinstance(err, OSError) and is_disk_full(staging)
         _remove(staging)
         _remove_dirs(created)
         if full and not isinstance(err, OutputPathError):

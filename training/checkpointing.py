@@ -122,14 +122,13 @@ def as_output_error(final: Path, err: Exception) -> Exception | None:
     ...), else None. Call it before removing the partial output (that frees the space it looks at)."""
     import errno as errno_mod
 
-    from tokenizers_mm.io_atomic import OutputPathError, output_error
+    from tokenizers_mm.io_atomic import OutputPathError, is_disk_full, output_error
 
     if isinstance(err, OutputPathError):
         return err
     if isinstance(err, OSError) and err.errno is not None:
         return output_error(final, err)
-    st = os.statvfs(final.parent) if final.parent.is_dir() else None
-    if "No space left" in str(err) or "os error 28" in str(err) or (st is not None and st.f_bavail == 0):
+    if "No space left" in str(err) or "os error 28" in str(err) or is_disk_full(final.parent):
         return output_error(final, OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC)))
     return None
 
