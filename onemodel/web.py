@@ -36,6 +36,8 @@ __all__ = ["Example", "find_examples", "load_examples", "build_app", "add_argume
 DISPLAY_SIZE = 256  # small model images (64 px) are shown enlarged, pixel-exact
 GRID_OUTPUTS = ("rgb", "depth", "semseg", "det")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# small input images fill their box, pixel-exact (the model sees them at their own size anyway)
+CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 # ------------------------------------------------------------------------------------------------ examples
@@ -205,10 +207,16 @@ def _timed(fn: Callable[..., tuple], n_outputs: int) -> Callable[..., tuple]:
             return (*([None] * n_outputs), f"**error:** {err}")
         except Exception as err:  # a bug: one line in the page, the traceback in the server log
             logger.exception("request failed")
-            return (*([None] * n_outputs), f"**error:** internal error ({type(err).__name__}: {err}); see the server log")
+            line = f"**error:** internal error ({type(err).__name__}: {err}); see the server log"
+            return (*([None] * n_outputs), line)
         return (*outputs, f"done in {time.perf_counter() - start:.2f} s")
 
     return wrapper
+
+
+def _image(gr: Any, elem_id: str, label: str = "image", **kw: Any):
+    """An image box (input or output) whose small images are shown enlarged and pixel-exact."""
+    return gr.Image(type="pil", label=label, elem_id=elem_id, elem_classes=["pixelated"], height=DISPLAY_SIZE, **kw)
 
 
 def _supports(pipe: Any, method: str, modalities: tuple[str, ...] = ()) -> bool:
@@ -223,7 +231,8 @@ def _supports(pipe: Any, method: str, modalities: tuple[str, ...] = ()) -> bool:
 
 
 def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "onemodel"):
-    """The Gradio ``Blocks`` app over ``pipe`` (any object with some of the pipeline methods)."""
+    """The Gradio ``Blocks`` app over ``pipe`` (any object with some of the pipeline methods); serve it with
+    ``app.launch(css=CSS)``."""
     import gradio as gr
 
     examples = examples or []
@@ -241,7 +250,7 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
         if _supports(pipe, "caption", ("rgb", "caption")):
             with gr.Tab("Caption", id="caption"):
                 with gr.Row():
-                    img = gr.Image(type="pil", label="image", elem_id="caption-image", height=DISPLAY_SIZE)
+                    img = _image(gr, "caption-image")
                     with gr.Column():
                         out = gr.Textbox(label="caption", elem_id="caption-output", interactive=False)
                         st = status("caption")
@@ -253,9 +262,10 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
         if _supports(pipe, "answer", ("rgb", "question", "answer")):
             with gr.Tab("Ask", id="ask"):
                 with gr.Row():
-                    img = gr.Image(type="pil", label="image", elem_id="ask-image", height=DISPLAY_SIZE)
+                    img = _image(gr, "ask-image")
                     with gr.Column():
-                        q = gr.Textbox(label="question", placeholder="what color is the circle?", elem_id="ask-question")
+                        q = gr.Textbox(label="question", placeholder="what color is the circle?",
+                                       elem_id="ask-question")
                         out = gr.Textbox(label="answer", elem_id="ask-output", interactive=False)
                         st = status("ask")
                 btn = gr.Button("Ask", variant="primary", elem_id="ask-button")
@@ -269,9 +279,8 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                 continue
             with gr.Tab(label, id=method):
                 with gr.Row():
-                    img = gr.Image(type="pil", label="image", elem_id=f"{method}-image", height=DISPLAY_SIZE)
-                    out = gr.Image(type="pil", label=label.lower(), elem_id=f"{method}-output", height=DISPLAY_SIZE,
-                                   format="png")
+                    img = _image(gr, f"{method}-image")
+                    out = _image(gr, f"{method}-output", label=label.lower(), format="png")
                 extra = gr.JSON(label="boxes", elem_id="detect-boxes") if method == "detect" else None
                 st = status(method)
                 btn = gr.Button(label, variant="primary", elem_id=f"{method}-button")
@@ -299,7 +308,7 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                         seed = gr.Number(0, precision=0, label="seed")
                         via = gr.CheckboxGroup(chain_choices, label="generate first, then draw from them (chained)")
                     with gr.Column():
-                        out = gr.Image(type="pil", label="image", elem_id="t2i-output", height=DISPLAY_SIZE, format="png")
+                        out = _image(gr, "t2i-output", format="png")
                         chained = gr.Gallery(label="chained", elem_id="t2i-chained", height=DISPLAY_SIZE, columns=2,
                                              format="png")
                         st = status("t2i")
@@ -335,7 +344,7 @@ def _any_to_any_tab(gr: Any, pipe: Any, modalities: list[str], examples: list[Ex
                 fields: dict[str, Any] = {}
                 for name in modalities:
                     if name == "rgb":
-                        fields[name] = gr.Image(type="pil", label="rgb", elem_id="any-rgb", height=DISPLAY_SIZE)
+                        fields[name] = _image(gr, "any-rgb", label="rgb")
                     elif name in grid_like:
                         fields[name] = gr.File(label=f"{name} (.npy or .png)", file_types=[".npy", ".png"],
                                                elem_id=f"any-{name}")
@@ -371,7 +380,9 @@ def _any_to_any_tab(gr: Any, pipe: Any, modalities: list[str], examples: list[Ex
                     try:
                         value = json.loads(value)
                     except json.JSONDecodeError:
-                        raise ValueError('det input must be JSON like [{"box": [0, 0, 10, 10], "label": "circle"}]') from None
+                        raise ValueError(
+                            'det input must be JSON like [{"box": [0, 0, 10, 10], "label": "circle"}]'
+                        ) from None
                 elif name in grid_like and name != "rgb":
                     value = value if isinstance(value, str) else getattr(value, "name", value)
                 inputs[name] = value
@@ -445,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {args.model} at {url} (Ctrl-C to stop)", flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(example_dir)], ssr_mode=False,
-                   quiet=True, footer_links=[])
+                   quiet=True, footer_links=[], css=CSS)
     except OSError as err:
         raise ValueError(f"cannot listen on {args.host}:{args.port} ({err}); pass another --port") from None
     return 0
