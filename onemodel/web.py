@@ -186,7 +186,7 @@ def _display(name: str, value: Any, base: Any = None):
     if name == "semseg":
         return _enlarge(palette_image(value))
     if name == "det":
-        return _boxes_image(base if base is not None else Image.new("RGB", (64, 64)), value)
+        return _boxes_image(base if base is not None else Image.new("RGB", (DISPLAY_SIZE, DISPLAY_SIZE)), value)
     return None
 
 
@@ -255,7 +255,7 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                         out = gr.Textbox(label="caption", elem_id="caption-output", interactive=False)
                         st = status("caption")
                 btn = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                btn.click(_timed(lambda im: (pipe.caption(_need_image(im)),), 1), [img], [out, st])
+                btn.click(_timed(lambda im: (pipe.caption(_need_image(im)),), 1), [img], [out, st], api_name="caption")
                 if images:
                     gr.Examples([[p] for p in images], [img], label="held-out examples")
 
@@ -269,7 +269,8 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                         out = gr.Textbox(label="answer", elem_id="ask-output", interactive=False)
                         st = status("ask")
                 btn = gr.Button("Ask", variant="primary", elem_id="ask-button")
-                btn.click(_timed(lambda im, text: (pipe.answer(_need_image(im), text),), 1), [img, q], [out, st])
+                btn.click(_timed(lambda im, text: (pipe.answer(_need_image(im), text),), 1), [img, q], [out, st],
+                          api_name="answer")
                 if qa_examples:
                     gr.Examples(qa_examples, [img, q], label="held-out examples")
 
@@ -292,7 +293,7 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                     return (shown, value) if method == "detect" else (shown,)
 
                 outs = [out, extra] if extra is not None else [out]
-                btn.click(_timed(dense, len(outs)), [img], [*outs, st])
+                btn.click(_timed(dense, len(outs)), [img], [*outs, st], api_name=method)
                 if images:
                     gr.Examples([[p] for p in images], [img], label="held-out examples")
 
@@ -324,7 +325,8 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                         return _display("rgb", res["rgb"]), [(_display(m, res[m]), m) for m in chain]
                     return _display("rgb", pipe.text_to_image(p, **kw)), []
 
-                btn.click(_timed(text_to_image, 2), [prompt, steps, guidance, seed, via], [out, chained, st])
+                btn.click(_timed(text_to_image, 2), [prompt, steps, guidance, seed, via], [out, chained, st],
+                          api_name="text_to_image")
                 if captions:
                     gr.Examples([[c] for c in captions], [prompt], label="held-out captions")
 
@@ -346,7 +348,8 @@ def _any_to_any_tab(gr: Any, pipe: Any, modalities: list[str], examples: list[Ex
                     if name == "rgb":
                         fields[name] = _image(gr, "any-rgb", label="rgb")
                     elif name in grid_like:
-                        fields[name] = gr.File(label=f"{name} (.npy or .png)", file_types=[".npy", ".png"],
+                        types = [".npy"] if name == "depth" else [".npy", ".png"]  # depth: metres, .npy
+                        fields[name] = gr.File(label=f"{name} ({' or '.join(types)})", file_types=types,
                                                elem_id=f"any-{name}")
                     elif name == "det":
                         fields[name] = gr.Textbox(label='det (JSON: [{"box": [x0, y0, x1, y1], "label": "circle"}])',
@@ -401,7 +404,7 @@ def _any_to_any_tab(gr: Any, pipe: Any, modalities: list[str], examples: list[Ex
             return shown, text
 
         btn.click(_timed(any_to_any, 2), [use, targets, steps, temperature, seed, *fields.values()],
-                  [gallery, texts, st])
+                  [gallery, texts, st], api_name="generate")
         rows = [[e.image, e.caption or ""] for e in examples if "caption" in fields]
         if rows and "rgb" in fields:
             gr.Examples(rows[:4], [fields["rgb"], fields["caption"]], label="held-out examples")

@@ -130,41 +130,48 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def page(run_dir):
-    """A Chromium page on a running ``onemodel serve`` (started and stopped here)."""
+def server(run_dir):
+    """The URL of a running ``onemodel serve`` on a free port (started and stopped here)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    log_path = run_dir.parent / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "onemodel.cli", "serve", "--model", str(run_dir), "--port", str(port),
+             "--threads", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir.parent,
+        )
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("onemodel serve did not start:\n" + log_path.read_text())
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    """A headless Chromium page on the app."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="no Playwright: pip install -e '.[dev]'")
     exe = _browser()
     if exe is None:
         pytest.skip("no Chromium browser found (apt-get install chromium, or set CHROMIUM=path): browser tests skipped")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(run_dir.parent / "serve.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "onemodel.cli", "serve", "--model", str(run_dir), "--port", str(port), "--threads", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir.parent,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("onemodel serve did not start:\n" + (run_dir.parent / "serve.log").read_text())
-                time.sleep(0.5)
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-            pg = browser.new_page(viewport={"width": 1200, "height": 900})
-            pg.goto(url)
-            yield pg
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1200, "height": 900})
+        pg.goto(server)
+        yield pg
+        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +237,25 @@ def test_text_to_image_in_the_browser(page, pipe, tmp_path):
     assert got.shape == want.shape == (256, 256, 3)
     assert np.array_equal(got, want)  # the image in the page is the pipeline's image for that seed
     page.screenshot(path=str(tmp_path / "t2i.png"))
+
+
+def test_any_to_any_through_the_api(server, pipe, run_dir):
+    """The Any to any handler (what its Run button calls), through Gradio's client: every target comes back."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    scene = str(run_dir.parent / "scene.png")
+    names = list(pipe.modalities)
+    values = {name: None for name in names}
+    values["rgb"] = handle_file(scene)
+    gallery, texts, status = client.predict(["rgb"], ["caption", "depth", "det"], 2, 0.0, 0,
+                                            *values.values(), api_name="/generate")
+    assert status.startswith("done in ")
+    assert [g["caption"] for g in gallery] == ["depth", "det"]  # image outputs, in target order
+    want = pipe.generate({"rgb": scene}, ["caption", "depth", "det"], steps=2, seed=0,
+                         per_target={"caption": {"temperature": 0.0}, "depth": {"temperature": 0.0},
+                                     "det": {"temperature": 0.0}})
+    assert texts["caption"] == want["caption"] and texts["det"] == want["det"]
+    *_, status = client.predict(["rgb"], ["rgb"], 2, 0.0, 0, *values.values(), api_name="/generate")
+    assert status == "**error:** ['rgb'] given both as input and as target; a modality is either given or " \
+        "generated: remove it from inputs or from targets"
