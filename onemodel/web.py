@@ -37,6 +37,7 @@ DISPLAY_SIZE = 256  # small model images (64 px) are shown enlarged, pixel-exact
 GRID_OUTPUTS = ("rgb", "depth", "semseg", "det")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # small input images fill their box, pixel-exact (the model sees them at their own size anyway)
+EMPTY_TEXT = "(empty: the model ended the text at once)"
 CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
@@ -75,7 +76,8 @@ def find_examples(model_path: str | Path) -> Path | None:
             src = Path(str(source.get("path", ""))) if isinstance(source, dict) else None
             if src is None:
                 continue
-            for cand in (src, path / src, path.parent / src):
+            # a relative path is relative to where training ran: try the cwd, then the run dir and its parents
+            for cand in (src, *(d / src for d in (path.resolve(), *path.resolve().parents))):
                 meta = _read_json(cand / "meta.json")
                 raw = Path(meta["source"]) if isinstance(meta, dict) and meta.get("source") else cand
                 for split in ("test", "val"):
@@ -190,6 +192,10 @@ def _display(name: str, value: Any, base: Any = None):
     return None
 
 
+def _shown_text(text: str) -> str:
+    return text if text.strip() else EMPTY_TEXT
+
+
 def _need_image(image: Any) -> Any:
     if image is None:
         raise ValueError("no image: upload one (or click an example) first")
@@ -255,7 +261,8 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                         out = gr.Textbox(label="caption", elem_id="caption-output", interactive=False)
                         st = status("caption")
                 btn = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                btn.click(_timed(lambda im: (pipe.caption(_need_image(im)),), 1), [img], [out, st], api_name="caption")
+                btn.click(_timed(lambda im: (_shown_text(pipe.caption(_need_image(im))),), 1), [img], [out, st],
+                          api_name="caption")
                 if images:
                     gr.Examples([[p] for p in images], [img], label="held-out examples")
 
@@ -269,8 +276,8 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
                         out = gr.Textbox(label="answer", elem_id="ask-output", interactive=False)
                         st = status("ask")
                 btn = gr.Button("Ask", variant="primary", elem_id="ask-button")
-                btn.click(_timed(lambda im, text: (pipe.answer(_need_image(im), text),), 1), [img, q], [out, st],
-                          api_name="answer")
+                ask = _timed(lambda im, text: (_shown_text(pipe.answer(_need_image(im), text)),), 1)
+                btn.click(ask, [img, q], [out, st], api_name="answer")
                 if qa_examples:
                     gr.Examples(qa_examples, [img, q], label="held-out examples")
 
