@@ -448,8 +448,15 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
         raise ValueError('the web demo needs gradio: pip install -e ".[web]"') from None
+    import socket
+
     import torch
 
+    with socket.socket() as probe:  # fail before loading the model, not after
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise ValueError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); pass another --port") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.device)

@@ -112,6 +112,16 @@ def test_serve_bad_model_dir_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
 
 
+def test_serve_port_in_use_is_one_line(run_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(run_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"127.0.0.1:{port}" in err and "pass another --port" in err
+
+
 # ------------------------------------------------------------------------------------------------ browser
 
 
