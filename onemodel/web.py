@@ -473,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {args.model} at {url} (Ctrl-C to stop)", flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(example_dir)], ssr_mode=False,
-                   quiet=True, footer_links=[], css=CSS)
+                   quiet=True, footer_links=["api"], css=CSS)
     except OSError as err:
         raise ValueError(f"cannot listen on {args.host}:{args.port} ({err}); pass another --port") from None
     return 0
