@@ -66,11 +66,12 @@ def main() -> int:
             page.get_by_role("tab", name=label, exact=True).click()
             panel = page.locator(f"#{image_id}").locator("xpath=ancestor::div[contains(@class, 'tabitem')]")
             panel.locator(".gallery-item, tr.tr-body").nth(args.example).click()  # one-input examples: a gallery; several: a table
+            expect(page.locator(f"#{image_id} img")).to_be_visible(timeout=30_000)  # the example is loaded
             page.click(f"#{button}")
             expect(page.locator(f"#{status}")).to_contain_text("done in", timeout=120_000)
             page.wait_for_timeout(500)  # let the output image finish loading
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=args.out, full_page=True)
+            page.screenshot(path=args.out)  # the viewport: the tab and its first examples
             browser.close()
         print(f"wrote {args.out}")
         return 0

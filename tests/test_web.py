@@ -229,9 +229,12 @@ def test_caption_and_ask_in_the_browser(page, pipe, run_dir, tmp_path):
 
 
 def test_example_click_then_detection(page, pipe):
+    from playwright.sync_api import expect
+
     page.get_by_role("tab", name="Detection").click()
     panel = page.locator("#detect-image").locator("xpath=ancestor::div[contains(@class, 'tabitem')]")
     panel.locator(".gallery-item, tr.tr-body").first.click()  # the first held-out example
+    expect(page.locator("#detect-image img")).to_be_visible(timeout=WAIT_MS)  # ... is in the input box
     page.click("#detect-button")
     _wait_status(page, "detect", "done in")
     boxes_img = _fetch_image(page, "#detect-output img")
