@@ -344,7 +344,8 @@ def build_app(pipe: Any, examples: list[Example] | None = None, title: str = "on
 
 def _any_to_any_tab(gr: Any, pipe: Any, modalities: list[str], examples: list[Example]) -> None:
     """Pick input modalities and fill them, pick targets (in order: each becomes an input of the next), run."""
-    grid_like = {n for n in modalities if getattr(pipe.modalities[n], "is_grid", False)}
+    specs = pipe.modalities if isinstance(pipe.modalities, dict) else {}  # {name: Modality}, or just names
+    grid_like = {n for n in modalities if getattr(specs.get(n), "is_grid", n in ("rgb", "depth", "semseg"))}
     with gr.Tab("Any to any", id="any"):
         with gr.Row():
             with gr.Column():

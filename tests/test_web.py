@@ -85,13 +85,27 @@ def test_examples_come_from_the_held_out_split(run_dir, tmp_path):
 def test_tabs_follow_the_pipeline_methods():
     from onemodel.web import build_app
 
-    class CaptionOnly:  # e.g. a VLM pipeline: caption and answer, no dense heads
+    def tabs(pipe):
+        return [b.label for b in build_app(pipe).blocks.values() if type(b).__name__ == "Tab"]
+
+    class CaptionOnly:
         def caption(self, image):
             return "a red circle"
 
-    app = build_app(CaptionOnly())
-    labels = [b.label for b in app.blocks.values() if type(b).__name__ == "Tab"]
-    assert labels == ["Caption"]
+    class VLMLike:  # what onemodel's VLM pipeline offers: names of its modalities, caption and answer
+        modalities = ("rgb", "caption", "question", "answer")
+
+        def caption(self, image):
+            return "a red circle"
+
+        def answer(self, image, question):
+            return "red"
+
+        def depth(self, image):  # a method without its modality: no Depth tab
+            raise AssertionError
+
+    assert tabs(CaptionOnly()) == ["Caption"]
+    assert tabs(VLMLike()) == ["Caption", "Ask"]
 
 
 def test_bad_input_is_one_line_in_the_page():
