@@ -43,7 +43,7 @@ def test_quick_demo_rerun_is_cached(quick_demo: Path, capsys):
     assert before == after  # nothing re-ran
     printed = capsys.readouterr().out
     assert "(cached)" in printed
-    assert f"web demo: onemodel serve --model {quick_demo / 'run'}" in printed  # the exact command to serve it
+    assert f"onemodel serve --model {quick_demo / 'run'}" in printed  # the exact command to serve the model
 
 
 def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path):
