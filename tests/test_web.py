@@ -273,6 +273,8 @@ def test_any_to_any_through_the_api(server, pipe, run_dir):
     """The Any to any handler (what its Run button calls), through Gradio's client: every target comes back."""
     from gradio_client import Client, handle_file
 
+    from onemodel.web import EMPTY_TEXT
+
     client = Client(server, verbose=False)
     scene = str(run_dir.parent / "scene.png")
     names = list(pipe.modalities)
@@ -286,6 +288,8 @@ def test_any_to_any_through_the_api(server, pipe, run_dir):
                          per_target={"caption": {"temperature": 0.0}, "depth": {"temperature": 0.0},
                                      "det": {"temperature": 0.0}})
     assert texts["caption"] == want["caption"] and texts["det"] == want["det"]
+    caption, status = client.predict(handle_file(scene), api_name="/caption")  # as docs/web.md shows
+    assert caption == (pipe.caption(scene) or EMPTY_TEXT) and status.startswith("done in ")
     *_, status = client.predict(["rgb"], ["rgb"], 2, 0.0, 0, *values.values(), api_name="/generate")
     assert status == "**error:** ['rgb'] given both as input and as target; a modality is either given or " \
         "generated: remove it from inputs or from targets"
