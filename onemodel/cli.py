@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("onemodel.generate_commands", "caption images"),
     "answer": ("onemodel.generate_commands", "answer a question about an image"),
     "eval": ("training.evaluation.commands", "score a trained model on every task"),
+    "serve": ("onemodel.web", "web demo (Gradio) of a trained model: pip install -e \".[web]\""),
 }
 
 

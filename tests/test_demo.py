@@ -41,7 +41,9 @@ def test_quick_demo_rerun_is_cached(quick_demo: Path, capsys):
     assert time.perf_counter() - start < 30
     after = json.loads((quick_demo / "demo_state.json").read_text())
     assert before == after  # nothing re-ran
-    assert "(cached)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(cached)" in printed
+    assert f"onemodel serve --model {quick_demo / 'run'}" in printed  # the exact command to serve the model
 
 
 def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path):

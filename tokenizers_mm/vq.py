@@ -59,7 +59,7 @@ class VQTokenizerConfig:
         from its own ``downsample_factor`` x ``downsample_factor`` patch only, by a per-patch MLP). With "patch"
         a patch always gets the same code whatever surrounds it: for a flat background patch, one code instead
         of hundreds. That makes the tokens far easier for the multimodal model to read and predict (measured
-        on shapes: docs/readme_parts/tokenizers.md); the decoder still sees the whole grid.
+        on shapes: docs/tokenizers.md); the decoder still sees the whole grid.
     norm_groups: GroupNorm groups in the residual blocks (0 = none; measured: GroupNorm reaches a given PSNR in
         about half the steps).
     upsample: decoder upsampling, "transpose" (4x4 stride-2 transposed conv) or "nearest" (+ 3x3 conv).

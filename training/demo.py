@@ -334,4 +334,5 @@ def run(args: argparse.Namespace) -> int:
     if metrics_md.is_file():
         print("\n" + metrics_md.read_text())
     print(f"report: {summary['report']}")
+    print(f"web demo: onemodel serve --model {out / 'run'}")
     return 0

@@ -117,7 +117,7 @@ class VQTrainingConfig:
 
 
 # Recommended configs for 64x64 images, per (modality, grid size); configs/tokenizers/*.yaml hold the same values.
-# Measured numbers (held-out shapes) are in docs/readme_parts/tokenizers.md.
+# Measured numbers (held-out shapes) are in docs/tokenizers.md.
 _SHAPES_DEPTH = {"depth_min": 0.5, "depth_max": 20.0}  # shapes depth is 1-10 m; set these for your data
 RECOMMENDED: dict[tuple[str, int], dict[str, Any]] = {
     ("rgb", 16): {"tokenizer": {"modality": "rgb", "base_channels": 16, "channel_mult": [1, 2, 2]},

@@ -57,7 +57,7 @@ _TOKENIZED = ("rgb", "depth", "semseg")
 
 @dataclass
 class Evaluation:
-    """results: ``{name: {metric: value}}`` (JSON-serialisable; see ``docs/readme_parts/eval.md``);
+    """results: ``{name: {metric: value}}`` (JSON-serialisable; see ``docs/evaluation.md``);
     examples: ``{task: [example]}`` in the format of ``training.evaluation.report.write_report``."""
 
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
