@@ -302,7 +302,7 @@ def _decode_sequence(
         max_len = min(max_len, schedule.max_length)
     enc_out = _encode(model, *_conditions(model, cond_rows, opts, batch_size, device))  # once per sequence
     rows = enc_out.states.shape[0]  # B, or 2B with guidance
-    cache = model.new_cache(enc_out) if schedule.use_cache else None
+    cache = model.new_static_cache(enc_out, name, max_len) if schedule.use_cache else None
     tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, L)
     probs = torch.zeros(batch_size, max_len, device=device)
     lengths = torch.full((batch_size,), max_len, dtype=torch.long, device=device)
@@ -315,15 +315,14 @@ def _decode_sequence(
 
         steps = tqdm(steps, desc=f"{name} (autoregressive)", leave=False)
     for t in steps:
-        if cache is not None:
-            pos = torch.full((rows, 1), t, dtype=torch.long, device=device)
-            fed = prev  # (B*, 1): the previous token (ignored at position 0)
+        if cache is not None:  # one slot: static KV cache, masks prepared once (model.decode_next)
+            hidden = model.decode_next(cache, prev)  # (B*, 1, D)
         else:  # recompute the whole prefix (reference path)
             start = torch.zeros(rows, 1, dtype=torch.long, device=device)
             fed = torch.cat([start, tokens[:, :t].repeat(rows // batch_size, 1)], 1)  # (B*, t + 1)
             pos = torch.arange(t + 1, device=device).expand(rows, t + 1)
-        mod_ids, present = torch.full_like(pos, m_idx), torch.ones_like(pos, dtype=torch.bool)
-        hidden = model.decode(enc_out, fed, mod_ids, pos, present, cache=cache)  # (B*, 1 or t + 1, D)
+            mod_ids, present = torch.full_like(pos, m_idx), torch.ones_like(pos, dtype=torch.bool)
+            hidden = model.decode(enc_out, fed, mod_ids, pos, present)  # (B*, t + 1, D)
         logits = _mix(model.logits_for(hidden[:, -1:], name).float(), opts, batch_size)  # (B, 1, V)
         logits = _suppress(logits, banned)
         if all_logits is not None:
