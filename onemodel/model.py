@@ -698,6 +698,25 @@ class OneModel(nn.Module):
             cache.self_kv, cache.mod, cache.pos, cache.mask = new_kv, k_mod, k_pos, k_mask
         return self.decoder_norm(x)
 
+    def decode_grid(self, enc_out: EncoderOutput, modality: str, positions: torch.Tensor) -> torch.Tensor:
+        """Decoder queries at ``positions`` (B, Nq) of grid ``modality`` (every slot real, one grid for the whole
+        batch: MaskGIT / random-order generation) -> hidden (B, Nq, D) after the final norm.
+
+        Same result as ``decode`` with those slots (tests check it), without its input checks and mask planning:
+        the queries all see each other (no self-attention mask), so nothing here reads a tensor on the host.
+        """
+        m = self.config.modality_index(modality)
+        if not self.config.modalities[m].is_grid:
+            raise ValueError(f"decode_grid decodes grid targets; {modality!r} is a sequence")
+        x = self.mask_token + self.dec_mod_emb.weight[m] + self.pos_table[positions + int(self.pos_offset[m])]
+        if self.aligned_proj is not None and enc_out.mod is not None:
+            mod, present = torch.full_like(positions, m), torch.ones_like(positions, dtype=torch.bool)
+            x = x + self.aligned_proj(self.aligned_context(enc_out, mod, positions, present))
+        cross_mask = AttentionMask(self._key_padding_mask(enc_out.mask, num_queries=positions.shape[1]))
+        for block in self.decoder:
+            x, _ = block(x, _NO_MASK, False, block.cross_attn.context_kv(enc_out.states), cross_mask)
+        return self.decoder_norm(x)
+
     def logits_for(self, hidden: torch.Tensor, modality: str) -> torch.Tensor:
         """Head of ``modality``: hidden (..., D) -> logits (..., V_modality)."""
         off, v = self._offsets[self.config.modality_index(modality)]

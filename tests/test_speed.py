@@ -49,3 +49,85 @@ OPTS = {
 def test_tokens_pinned_before_the_speed_work(model):
     out = generate(model, _inputs(), ["depth", "det", "answer", "semseg"], OPTS, seed=[5, 6, 7], eos_id=EOS)
     assert {k: [t.tolist() for t in v] for k, v in out.tokens.items()} == PINNED
+
+
+def _encoded(model):
+    from onemodel.generation import encoder_batch
+
+    enc = encoder_batch(model, _inputs(), None, 3, torch.device("cpu"))
+    return model.encode(*enc)
+
+
+@torch.no_grad()
+def test_decode_next_equals_full_decode(model):
+    """The static-cache step gives the hidden states of a full decoder pass over the prefix, slot by slot."""
+    enc = _encoded(model)
+    m = model.config.modality_index("caption")
+    ids = torch.randint(3, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(7).expand(3, 7)
+    full = model.decode(enc, model.shift_targets(ids, pos), torch.full_like(pos, m), pos, torch.ones_like(pos, dtype=torch.bool))
+    cache = model.new_static_cache(enc, "caption", 7)
+    prev = torch.zeros(3, 1, dtype=torch.long)
+    for t in range(7):
+        step = model.decode_next(cache, prev)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+        prev = ids[:, t : t + 1]
+    with pytest.raises(ValueError, match="full"):
+        model.decode_next(cache, prev)
+    with pytest.raises(ValueError, match="grid"):
+        model.new_static_cache(enc, "rgb")
+
+
+@torch.no_grad()
+def test_decode_grid_equals_decode(model):
+    enc = _encoded(model)
+    m = model.config.modality_index("depth")
+    q = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(b))[:9].sort().values for b in range(3)])
+    ref = model.decode(enc, torch.zeros_like(q), torch.full_like(q, m), q, torch.ones_like(q, dtype=torch.bool))
+    assert torch.equal(model.decode_grid(enc, "depth", q), ref)
+
+
+def test_explicit_maskgit_counts(model):
+    from onemodel.sampling import step_counts
+
+    inputs = _inputs()
+    by_steps = generate(model, inputs, ["depth"], SamplingOptions(schedule=MaskGITSchedule(steps=5)))
+    counts = tuple(step_counts(16, 5, cosine=True))
+    by_counts = generate(model, inputs, ["depth"], SamplingOptions(schedule=MaskGITSchedule(counts=counts)))
+    assert [t.tolist() for t in by_steps.tokens["depth"]] == [t.tolist() for t in by_counts.tokens["depth"]]
+    one_each = generate(model, inputs, ["depth"], SamplingOptions(schedule=MaskGITSchedule(counts=(1, 3, 12))))
+    assert one_each.passes["depth"] == {"encoder": 3, "decoder": 3}
+    assert MaskGITSchedule(counts=[1, 3, 12]).steps == 3
+    with pytest.raises(ValueError, match="sum to 15"):
+        generate(model, inputs, ["depth"], SamplingOptions(schedule=MaskGITSchedule(counts=(1, 2, 12))))
+    with pytest.raises(ValueError, match=">= 1"):
+        RandomOrderSchedule(counts=(0, 16))
+
+
+def test_pass_counts(model):
+    out = generate(model, _inputs(), ["det", "semseg"], {"semseg": SamplingOptions(schedule=RandomOrderSchedule(steps=4),
+                                                                                   guidance_scale=2.0)}, eos_id=None)
+    assert out.passes == {"det": {"encoder": 1, "decoder": 10}, "semseg": {"encoder": 4, "decoder": 4}}
+
+
+def test_fixed_masking_budgets():
+    import numpy as np
+
+    from onemodel.masking import MaskingConfig, mask_sample
+
+    mods = default_modalities(image_vocab=32, grid_size=8, text_vocab=40, caption_length=12)
+    cfg = MaskingConfig(input_budgets={"rgb": 20, "caption": 8}, target_budgets={"depth": 30, "rgb": 10})
+    text = {"eos_id": 2, "sentinel_ids": [30, 31]}
+    tokens = {"rgb": np.arange(64) % 32, "depth": np.arange(64) % 32, "caption": np.array([5, 6, 7, 8, 9, 2])}
+    for seed in range(5):
+        s = mask_sample(tokens, mods, cfg, seed, text_ids=text)
+        names = [m.name for m in mods]
+        enc = {names[i]: int(n) for i, n in enumerate(s.enc_mod.bincount(minlength=len(mods))) if n}
+        dec = {names[i]: int(n) for i, n in enumerate(s.dec_mod.bincount(minlength=len(mods))) if n}
+        assert enc == {"rgb": 20, "caption": 6} and dec == {"rgb": 10, "depth": 30}
+        rgb = names.index("rgb")
+        assert not set(s.enc_pos[s.enc_mod == rgb].tolist()) & set(s.dec_pos[s.dec_mod == rgb].tolist())
+    with pytest.raises(ValueError, match="both"):
+        MaskingConfig(input_budgets={"rgb": 4})
+    with pytest.raises(ValueError, match="more than the total"):
+        MaskingConfig(input_budgets={"rgb": 200}, target_budgets={})
