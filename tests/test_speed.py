@@ -131,3 +131,57 @@ def test_fixed_masking_budgets():
         MaskingConfig(input_budgets={"rgb": 4})
     with pytest.raises(ValueError, match="more than the total"):
         MaskingConfig(input_budgets={"rgb": 200}, target_budgets={})
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check
+
+def _gpu_check():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import gpu_check
+
+    return gpu_check
+
+
+@pytest.mark.parametrize("section", ["attention", "train", "generate"])
+def test_gpu_check_sections_run_on_cpu(tmp_path, section):
+    """The CPU-checkable parts of scripts/gpu_check.sh: each section runs (tiny) and appends its JSON line."""
+    out = tmp_path / "results.jsonl"
+    rc = _gpu_check().main(["--section", section, "--tiny", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text().splitlines()[-1])
+    assert rc == 0 and res["ok"] and res["section"] == section, res
+    if section == "attention":  # sdpa agrees with eager, gradients included
+        assert all(r["max_abs_diff_vs_eager"] < 1e-4 for c in res["cases"].values() for r in c.values())
+    if section == "train":
+        assert 0 < res["mfu"] and res["tokens_per_step"] == 2 * 16
+
+
+def test_gpu_check_section_failure_is_recorded(tmp_path):
+    out = tmp_path / "results.jsonl"
+    rc = _gpu_check().main(["--section", "train", "--tiny", "--config", str(tmp_path / "missing.yaml"), "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 1 and not res["ok"] and "missing.yaml" in res["error"]
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_tiny_on_cpu(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT_DIR": str(tmp_path)}
+    res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--tiny"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sections = [json.loads(line)["section"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sections == ["attention", "train", "generate"]
