@@ -153,8 +153,9 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
     flops_model = OneModel(cfg)
     flops_per_token = flops_model.flops_per_token(args.inputs, args.targets,
                                                   vocab=(args.grid_vocab + args.text_vocab) / 2)
-    if impl in ("onemodel", "onemodel-dense", "onemodel-matched"):
+    if impl in ("onemodel", "onemodel-dense", "onemodel-matched", "onemodel-ckpt"):
         model = DenseMaskOneModel(cfg) if impl == "onemodel-dense" else flops_model
+        model.gradient_checkpointing = impl == "onemodel-ckpt"
         model = model.to(device).train()
         batch = onemodel_batch(spec).to(device)
         forward = lambda: model(batch).loss  # noqa: E731
@@ -174,13 +175,14 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
     def step():
         with autocast:
             loss = forward()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # gradients freed before the next forward (as training/train.py does)
         return loss.detach()
 
     label = {"onemodel": backend, "onemodel-dense": backend + " + dense masks", "fourm": "eager (4M-style)",
-             "onemodel-matched": backend + ", aligned_context=False"}[impl]
+             "onemodel-matched": backend + ", aligned_context=False",
+             "onemodel-ckpt": backend + " + gradient checkpointing"}[impl]
     label += " + compile" if compiled == "1" else ""
     info = {"impl": impl.split("-")[0], "backend": label, "dtype": dtype, "compiled": compiled == "1",
             "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters())}
@@ -257,6 +259,8 @@ def variants(args) -> list[tuple[str, str, str]]:
         out += [("onemodel", b, dtype, "0") for b in backends]
         if args.ablations and "sdpa" in backends:
             out.append(("onemodel-dense", "sdpa", dtype, "0"))
+        if args.checkpointing and "sdpa" in backends:
+            out.append(("onemodel-ckpt", "sdpa", dtype, "0"))
         if args.compile:  # compiled rows next to the eager ones, baseline compiled the same way
             if not args.no_baseline:
                 out.append(("fourm", "eager", dtype, "1"))
@@ -284,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--ablations", action="store_true", help="add OneModel with dense masks (what structured masks give)")
     p.add_argument("--no-baseline", action="store_true", help="skip the 4M-style baseline rows")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="add OneModel with gradient checkpointing (less activation memory, one more block forward)")
     p.add_argument("--compile", action="store_true",
                    help="add rows with torch.compile'd blocks (the baseline's and OneModel's first backend); "
                         "their compile time is the first step (first_step_s in the JSON)")
