@@ -69,11 +69,16 @@ class GenerationOutput:
     logits: only with ``output_logits=True``: target name -> float tensor of the guided logits (after suppression)
         each token was sampled from. Grid: (B, N, V), row n = the logits of position n at the step it was decoded.
         Sequence: (B, T, V), T = decoding steps run (the longest sample); rows after a sample's eos are unused.
+    passes: target name -> ``{"encoder": n, "decoder": n}``: how many encoder and decoder passes generating it took
+        (one pass = one call over the whole batch; with guidance the conditional and unconditional rows share it).
+        MaskGIT / random order: one encoder and one decoder pass per step. Autoregressive: one encoder pass, one
+        decoder pass per generated token (cached: over one slot; uncached: over the whole prefix).
     """
 
     tokens: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     probs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     logits: dict[str, torch.Tensor] | None = None
+    passes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -192,17 +197,15 @@ def _suppress(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor
     return logits.index_fill(-1, banned.to(logits.device), float("-inf"))
 
 
-def _append_partial(enc: tuple, m_idx: int, ids: torch.Tensor, known: torch.Tensor) -> tuple:
-    """Append the decoded-so-far tokens of a grid target (ids, known: (B, N)) to encoder tensors (B, Ni).
+def _append_partial(enc: tuple, m_idx: int, ids: torch.Tensor, pos: torch.Tensor) -> tuple:
+    """Append the decoded-so-far tokens of a grid target (ids (B, N); pos (B, k) their ascending positions) to
+    encoder tensors (B, Ni).
 
     Every sample has the same number k of known positions (one schedule for the batch), so this is a (B, k)
-    block without padding: no per-sample Python work in the decoding loop.
+    block without padding: no per-sample Python work and no host sync in the decoding loop.
     """
-    batch = ids.shape[0]
-    k = int(known[0].sum())
-    if k == 0:
+    if pos.shape[1] == 0:
         return enc
-    pos = known.nonzero()[:, 1].view(batch, k)  # (B, k) ascending positions
     block = (ids.gather(1, pos), torch.full_like(pos, m_idx), pos, torch.ones_like(pos, dtype=torch.bool))
     return tuple(torch.cat([a, b], dim=1) for a, b in zip(enc, block))
 
@@ -235,11 +238,13 @@ def _mix(logits: torch.Tensor, opts: SamplingOptions, batch_size: int) -> torch.
     return guided_logits(logits[:batch_size], logits[batch_size:], opts.guidance_scale)
 
 
-def _decode_grid(model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, progress, keep_logits):
+def _decode_grid(
+    model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, progress, keep_logits, passes
+):
     cfg = model.config
     m_idx = cfg.modality_index(name)
     n = cfg.modalities[m_idx].num_tokens
-    counts = schedule.counts(n)
+    counts = schedule.step_counts(n)
     ids = torch.zeros(batch_size, n, dtype=torch.long, device=device)  # (B, N) decoded so far
     known = torch.zeros(batch_size, n, dtype=torch.bool, device=device)  # (B, N)
     probs = torch.zeros(batch_size, n, device=device)
@@ -249,7 +254,7 @@ def _decode_grid(model, name, cond_rows, opts, schedule, batch_size, generators,
     if isinstance(schedule, RandomOrderSchedule):
         order = random_permutations(n, generators, device)  # (B, N)
     cond, uncond = _conditions(model, cond_rows, opts, batch_size, device)  # built once, reused every step
-    start = 0
+    start = 0  # tokens decoded so far (the same for every sample: one schedule for the batch)
     steps = range(len(counts))
     if progress:
         from tqdm.auto import tqdm
@@ -257,43 +262,46 @@ def _decode_grid(model, name, cond_rows, opts, schedule, batch_size, generators,
         steps = tqdm(steps, desc=f"{name} ({type(schedule).__name__})", leave=False)
     for step in steps:
         count = counts[step]
+        # positions sorted known-first / masked-first by a stable sort: ascending within each group, and the group
+        # sizes are known on the host (no nonzero(), no host sync)
         if order is not None:
             query_pos = order[:, start : start + count]  # (B, Nq) this chunk
         else:
-            query_pos = (~known).nonzero()[:, 1].view(batch_size, -1)  # (B, Nq) every masked position, ascending
+            query_pos = torch.argsort(known.to(torch.uint8), dim=1, stable=True)[:, : n - start]  # (B, Nq) masked
+        known_pos = torch.argsort((~known).to(torch.uint8), dim=1, stable=True)[:, :start]  # (B, start) ascending
         start += count
-        enc_out = _encode(model, cond, uncond, (m_idx, ids, known))  # the encoder runs once per step
+        enc_out = _encode(model, cond, uncond, (m_idx, ids, known_pos))  # the encoder runs once per step
+        passes["encoder"] += 1
         reps = enc_out.states.shape[0] // batch_size
-        q_pos = query_pos.repeat(reps, 1)
-        q_mod = torch.full_like(q_pos, m_idx)
-        q_mask = torch.ones_like(q_pos, dtype=torch.bool)
-        hidden = model.decode(enc_out, torch.zeros_like(q_pos), q_mod, q_pos, q_mask)  # (B*, Nq, D)
+        hidden = model.decode_grid(enc_out, name, query_pos.repeat(reps, 1))  # (B*, Nq, D)
+        passes["decoder"] += 1
         logits = _mix(model.logits_for(hidden, name).float(), opts, batch_size)  # (B, Nq, V)
         logits = _suppress(logits, banned)
         tokens, tok_probs = sample_tokens(logits, opts, generators)  # (B, Nq)
-        if order is not None:
-            chosen = torch.ones_like(tokens, dtype=torch.bool)
+        if order is not None:  # every query of the chunk is kept
+            sel_pos, sel_tok, sel_prob, top = query_pos, tokens, tok_probs, None
         else:
             confidence = torch.log(tok_probs.clamp_min(1e-30))
             if schedule.choice_temperature > 0:
                 anneal = schedule.choice_temperature * (1.0 - (step + 1) / len(counts))
                 confidence = confidence + anneal * gumbel_noise((tokens.shape[1],), generators, device)
-            top = confidence.topk(count, dim=1).indices  # (B, count)
-            chosen = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, top, True)
-        sel_pos = query_pos[chosen].view(batch_size, count)  # (B, count)
-        ids[rows_b, sel_pos] = tokens[chosen].view(batch_size, count)
-        probs[rows_b, sel_pos] = tok_probs[chosen].view(batch_size, count)
+            top = confidence.topk(count, dim=1).indices  # (B, count): gathers, not boolean indexing (no host sync)
+            sel_pos, sel_tok, sel_prob = query_pos.gather(1, top), tokens.gather(1, top), tok_probs.gather(1, top)
+        ids[rows_b, sel_pos] = sel_tok
+        probs[rows_b, sel_pos] = sel_prob
         known[rows_b, sel_pos] = True
         if keep_logits:
             if kept_logits is None:
                 kept_logits = torch.zeros(batch_size, n, logits.shape[-1], device=device)
-            kept_logits[rows_b, sel_pos] = logits[chosen].view(batch_size, count, -1)
-    assert bool(known.all())
+            sel_logits = logits if top is None else logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1]))
+            kept_logits[rows_b, sel_pos] = sel_logits
+    assert start == n
     return list(ids), list(probs), kept_logits
 
 
 def _decode_sequence(
-    model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, eos_id, progress, keep_logits
+    model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, eos_id, progress, keep_logits,
+    passes,
 ):
     cfg = model.config
     m_idx = cfg.modality_index(name)
@@ -301,8 +309,9 @@ def _decode_sequence(
     if schedule.max_length is not None:
         max_len = min(max_len, schedule.max_length)
     enc_out = _encode(model, *_conditions(model, cond_rows, opts, batch_size, device))  # once per sequence
+    passes["encoder"] += 1
     rows = enc_out.states.shape[0]  # B, or 2B with guidance
-    cache = model.new_cache(enc_out) if schedule.use_cache else None
+    cache = model.new_static_cache(enc_out, name, max_len) if schedule.use_cache else None
     tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, L)
     probs = torch.zeros(batch_size, max_len, device=device)
     lengths = torch.full((batch_size,), max_len, dtype=torch.long, device=device)
@@ -315,15 +324,15 @@ def _decode_sequence(
 
         steps = tqdm(steps, desc=f"{name} (autoregressive)", leave=False)
     for t in steps:
-        if cache is not None:
-            pos = torch.full((rows, 1), t, dtype=torch.long, device=device)
-            fed = prev  # (B*, 1): the previous token (ignored at position 0)
+        if cache is not None:  # one slot: static KV cache, masks prepared once (model.decode_next)
+            hidden = model.decode_next(cache, prev)  # (B*, 1, D)
         else:  # recompute the whole prefix (reference path)
             start = torch.zeros(rows, 1, dtype=torch.long, device=device)
             fed = torch.cat([start, tokens[:, :t].repeat(rows // batch_size, 1)], 1)  # (B*, t + 1)
             pos = torch.arange(t + 1, device=device).expand(rows, t + 1)
-        mod_ids, present = torch.full_like(pos, m_idx), torch.ones_like(pos, dtype=torch.bool)
-        hidden = model.decode(enc_out, fed, mod_ids, pos, present, cache=cache)  # (B*, 1 or t + 1, D)
+            mod_ids, present = torch.full_like(pos, m_idx), torch.ones_like(pos, dtype=torch.bool)
+            hidden = model.decode(enc_out, fed, mod_ids, pos, present)  # (B*, t + 1, D)
+        passes["decoder"] += 1
         logits = _mix(model.logits_for(hidden[:, -1:], name).float(), opts, batch_size)  # (B, 1, V)
         logits = _suppress(logits, banned)
         if all_logits is not None:
@@ -334,14 +343,16 @@ def _decode_sequence(
             new_done = ~done & (tok[:, 0] == eos_id)
             lengths = torch.where(new_done, torch.full_like(lengths, t + 1), lengths)
             done |= new_done
-            if bool(done.all()):
+            # reading `done` on the host is a device sync: every token on CPU (free there), every 8th on GPU (a
+            # batch that finished meanwhile runs a few extra steps whose tokens lie past every eos: same output)
+            if (device.type == "cpu" or t % 8 == 7) and bool(done.all()):
                 break
         prev = tok.repeat(rows // batch_size, 1)
     out_ids = [tokens[b, : lengths[b]].clone() for b in range(batch_size)]
     out_probs = [probs[b, : lengths[b]].clone() for b in range(batch_size)]
     kept = None
     if all_logits is not None:
-        kept = torch.stack(all_logits, 1)  # (B, T, V)
+        kept = torch.stack(all_logits, 1)[:, : int(lengths.max())]  # (B, T, V), T = steps up to the last eos
     return out_ids, out_probs, kept
 
 
@@ -419,6 +430,8 @@ def generate(
             )
         if mod.is_sequence and not isinstance(sched, AutoregressiveSchedule):
             raise ValueError(f"target {name!r} is a sequence: use AutoregressiveSchedule, not {type(sched).__name__}")
+        if mod.is_grid and sched.counts is not None:
+            sched.step_counts(mod.num_tokens)  # explicit counts must cover the grid: fail before any work
         if mod.is_grid and sched.steps > mod.num_tokens:
             raise ValueError(
                 f"steps={sched.steps} for {name!r} exceeds its {mod.num_tokens} tokens; use 1..{mod.num_tokens} steps"
@@ -449,12 +462,12 @@ def generate(
                 if mod.is_grid:
                     ids, probs, logits = _decode_grid(
                         model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name),
-                        progress, output_logits,
+                        progress, output_logits, out.passes.setdefault(name, {"encoder": 0, "decoder": 0}),
                     )
                 else:
                     ids, probs, logits = _decode_sequence(
                         model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name),
-                        eos_id, progress, output_logits,
+                        eos_id, progress, output_logits, out.passes.setdefault(name, {"encoder": 0, "decoder": 0}),
                     )
                 out.tokens[name] = [i.cpu() for i in ids]
                 out.probs[name] = [p.cpu() for p in probs]

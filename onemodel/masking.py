@@ -132,6 +132,12 @@ class MaskingConfig:
     tasks / task_prob: with probability ``task_prob`` a sample is masked for one of the explicit ``tasks``
         it has all modalities for (chosen by weight) instead of by the random Dirichlet split; see MaskingTask.
     seed: base seed of ``sample_rng``.
+    input_budgets / target_budgets: fixed per-modality budgets instead of the Dirichlet draw (e.g. inputs
+        {"rgb": 96, "caption": 32}, targets {"depth": 64, "semseg": 64}): every sample gives each listed
+        modality it has exactly ``min(budget, tokens available)`` tokens on that side (grid: random positions,
+        input and target positions disjoint; sequence: the first ``budget`` tokens, a whole sequence when the
+        budget covers it), and unlisted modalities nothing. Set both or neither; each side's sum must fit its
+        total budget. Condition dropout and explicit tasks still apply.
     """
 
     input_budget: int = 128
@@ -149,6 +155,8 @@ class MaskingConfig:
     tasks: list[MaskingTask] = field(default_factory=list)
     task_prob: float = 0.0
     seed: int = 0
+    input_budgets: dict[str, int] | None = None
+    target_budgets: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_budget", "target_budget", "max_sentinels", "seed"):
@@ -186,6 +194,19 @@ class MaskingConfig:
         if self.task_prob > 0 and not self.tasks:
             raise ValueError("masking.task_prob > 0 needs a non-empty masking.tasks list")
         self.tasks = [t if isinstance(t, MaskingTask) else MaskingTask(**t) for t in self.tasks]
+        if (self.input_budgets is None) != (self.target_budgets is None):
+            raise ValueError("set both masking.input_budgets and masking.target_budgets (fixed budgets), or neither")
+        for name, total in (("input_budgets", self.input_budget), ("target_budgets", self.target_budget)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, dict) or not all(
+                isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for k, n in v.items()
+            ):
+                raise ValueError(f"masking.{name} must map modality names to integers >= 0, got {v!r}")
+            if sum(v.values()) > total:
+                raise ValueError(f"masking.{name} sum to {sum(v.values())}, more than the total budget {total}; "
+                                 f"lower them or raise masking.{name[:-1]}")
         for name in ("span_masking_prob", "condition_dropout", "task_prob"):
             v = getattr(self, name)
             if not _is_number(v) or not 0.0 <= v <= 1.0:
@@ -194,7 +215,8 @@ class MaskingConfig:
     def check_modalities(self, modalities: Sequence[Modality]) -> None:
         """Raise ValueError if the config names a modality that is not in ``modalities``."""
         known = {m.name for m in modalities}
-        named = {name: getattr(self, name) for name in ("input_modalities", "target_modalities", "alpha_scale")}
+        named = {name: getattr(self, name) for name in
+                 ("input_modalities", "target_modalities", "alpha_scale", "input_budgets", "target_budgets")}
         for j, task in enumerate(self.tasks):
             named[f"tasks[{j}]"] = [*task.inputs, *task.targets]
         for name, listed in named.items():
@@ -516,6 +538,8 @@ def mask_sample(
     tg_ok = [i for i in present if tg_allowed is None or i in tg_allowed]
     if config.condition_dropout > 0 and rng.random() < config.condition_dropout:
         in_ok = []
+    if config.input_budgets is not None:
+        return _mask_fixed(arrays, mods, config, rng, in_ok, tg_ok)
     scale = lambda ids: np.array([config.alpha_scale.get(mods[i].name, 1.0) for i in ids])  # noqa: E731
     p_in = dict(zip(in_ok, _dirichlet(rng, config.alphas, scale(in_ok))))
     p_tg = dict(zip(tg_ok, _dirichlet(rng, config.target_alphas or config.alphas, scale(tg_ok))))
@@ -586,6 +610,31 @@ def mask_sample(
             pos = np.sort(perm[a : a + t])
             dec[i] = (arrays[i][pos], pos)
 
+    enc_ids, enc_mod, enc_pos = _pack(enc)
+    dec_ids, dec_mod, dec_pos = _pack(dec)
+    return MaskedSample(enc_ids, enc_mod, enc_pos, dec_ids, dec_mod, dec_pos)
+
+
+def _mask_fixed(arrays, mods, config: MaskingConfig, rng: np.random.Generator, in_ok, tg_ok) -> MaskedSample:
+    """Fixed per-modality budgets (``config.input_budgets`` / ``target_budgets``) instead of the Dirichlet split."""
+    enc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    dec: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i in sorted(arrays):
+        name, seq = mods[i].name, arrays[i]
+        a = min(config.input_budgets.get(name, 0), len(seq)) if i in in_ok else 0
+        t = min(config.target_budgets.get(name, 0), len(seq) - a) if i in tg_ok else 0
+        if mods[i].is_grid:
+            perm = rng.permutation(len(seq))
+            if a:
+                pos = np.sort(perm[:a])
+                enc[i] = (seq[pos], pos)
+            if t:
+                pos = np.sort(perm[a : a + t])
+                dec[i] = (seq[pos], pos)
+        elif a:  # a sequence is an input (its first tokens) or else a target
+            enc[i] = (seq[:a], np.arange(a))
+        elif t:
+            dec[i] = (seq[:t], np.arange(t))
     enc_ids, enc_mod, enc_pos = _pack(enc)
     dec_ids, dec_mod, dec_pos = _pack(dec)
     return MaskedSample(enc_ids, enc_mod, enc_pos, dec_ids, dec_mod, dec_pos)

@@ -36,7 +36,7 @@ from onemodel.attention import BACKENDS, AttentionMask, attention
 from onemodel.config import from_dict, to_dict
 from onemodel.modalities import Modality, validate_modalities
 
-__all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "DecoderCache", "sincos_1d", "sincos_2d"]
+__all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "DecoderCache", "StaticDecoderCache", "sincos_1d", "sincos_2d"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,37 @@ class DecoderCache:
         return 0 if self.mod is None else self.mod.shape[1]
 
 
+@dataclass
+class StaticDecoderCache:
+    """Preallocated cache for decoding one sequence modality token by token; create it with
+    ``OneModel.new_static_cache`` and advance it with ``OneModel.decode_next``.
+
+    Everything that does not change between tokens is prepared here once per generation: the cross-attention
+    (k, v) of every decoder layer and the cross-attention mask, the modality embedding and position rows of the
+    slots, and self-attention key/value buffers of the full length. A step writes its keys/values at row
+    ``length`` and attends to rows ``0..length`` (a view of the buffer: no mask, no concatenation, no allocation of
+    a growing cache, no host sync).
+
+    self_k / self_v: (layers, B, H, max_length, Dh). modality: the modality index. length: slots decoded so far.
+    """
+
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_mask: AttentionMask
+    self_k: torch.Tensor
+    self_v: torch.Tensor
+    modality: int
+    vocab_offset: int
+    mod_row: torch.Tensor  # (D,) decoder modality embedding
+    pos_rows: torch.Tensor  # (max_length, D) position embedding of slots 0..max_length-1
+    start: torch.Tensor  # (D,) decoder input at position 0
+    context_bias: torch.Tensor | None  # (D,) aligned-context bias (sequence slots have no aligned grid slot)
+    length: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.self_k.shape[3]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Blocks
 
@@ -319,9 +350,25 @@ class DecoderBlock(nn.Module):
         x = x + self.cross_attn(self.norm2(x), cross_kv, mask=cross_mask)
         return x + self.mlp(self.norm3(x)), kv
 
+    def step(self, x, k_buf, v_buf, t: int, cross_kv, cross_mask, no_mask):
+        """One new slot per row at cache row ``t``: x (B, 1, D); k_buf / v_buf (B, H, L, Dh) are written at row t
+        and attended over rows 0..t (every earlier slot of the same sequence is visible: no mask needed)."""
+        sa = self.self_attn
+        B, N, D = x.shape
+        q, k, v = (u.transpose(1, 2) for u in sa.qkv(self.norm1(x)).view(B, N, 3, sa.num_heads, D // sa.num_heads).unbind(2))
+        k_buf[:, :, t : t + N] = k
+        v_buf[:, :, t : t + N] = v
+        h = attention(q, k_buf[:, :, : t + N], v_buf[:, :, : t + N], mask=no_mask, backend=sa.backend)
+        x = x + sa.proj(h.transpose(1, 2).reshape(B, N, D))
+        x = x + self.cross_attn(self.norm2(x), cross_kv, mask=cross_mask)
+        return x + self.mlp(self.norm3(x))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Model
+
+
+_NO_MASK = AttentionMask(None)  # shared "every key visible" mask of the cached decode step
 
 
 def decoder_self_mask(q_mod, q_pos, k_mod, k_pos, k_mask, mod_is_grid) -> torch.Tensor:
@@ -562,6 +609,57 @@ class OneModel(nn.Module):
         kv = [block.cross_attn.context_kv(enc_out.states) for block in self.decoder]
         return DecoderCache(cross_kv=kv, enc_mask=enc_out.mask)
 
+    def new_static_cache(self, enc_out: EncoderOutput, modality: str, max_length: int | None = None) -> StaticDecoderCache:
+        """A ``StaticDecoderCache`` for decoding sequence ``modality`` after ``enc_out``, up to ``max_length`` slots
+        (default: the modality's ``max_length``). Cross-attention k/v and masks are computed here, once."""
+        m = self.config.modality_index(modality)
+        mod = self.config.modalities[m]
+        if not mod.is_sequence:
+            raise ValueError(f"new_static_cache decodes sequences; {modality!r} is a grid (decode grids without a cache)")
+        length = mod.max_length if max_length is None else max_length
+        if not 1 <= length <= mod.max_length:
+            raise ValueError(f"max_length must be in 1..{mod.max_length} for {modality!r}, got {length}")
+        states = enc_out.states
+        B, H = states.shape[0], self.config.num_heads
+        Dh = self.config.dim // H
+        kv = [block.cross_attn.context_kv(states) for block in self.decoder]
+        cross_mask = AttentionMask(self._key_padding_mask(enc_out.mask, num_queries=1))
+        buf = lambda: states.new_zeros(len(self.decoder), B, H, length, Dh)  # noqa: E731
+        off = int(self.pos_offset[m])
+        bias = None
+        if self.aligned_proj is not None and enc_out.mod is not None:  # what aligned_context gives a sequence slot
+            bias = self.aligned_proj.bias if self.aligned_proj.bias is not None else torch.zeros_like(self.start_emb[m])
+        return StaticDecoderCache(
+            cross_kv=kv, cross_mask=cross_mask, self_k=buf(), self_v=buf(), modality=m,
+            vocab_offset=self._offsets[m][0], mod_row=self.dec_mod_emb.weight[m],
+            pos_rows=self.pos_table[off : off + length], start=self.start_emb[m], context_bias=bias,
+        )
+
+    def decode_next(self, cache: StaticDecoderCache, prev_ids: torch.Tensor) -> torch.Tensor:
+        """Decode the next slot of every row: prev_ids (B, 1) = the token generated at the previous slot (ignored
+        at slot 0) -> hidden (B, 1, D) after the final norm; the slot's keys/values are written into ``cache``.
+
+        Same result as ``decode`` over the whole prefix (tests check it), at the cost of one slot: the embedding is
+        a row lookup, every mask was prepared by ``new_static_cache``, and nothing here reads a tensor value on
+        the host, so a step can be captured by ``torch.compile`` / CUDA graphs.
+        """
+        t = cache.length
+        if t >= cache.max_length:
+            raise ValueError(f"the cache holds {cache.max_length} slots; it is full")
+        B = cache.self_k.shape[1]
+        if t == 0:
+            x = cache.start.expand(B, 1, -1)
+        else:
+            x = self.tok_emb(prev_ids + cache.vocab_offset)  # (B, 1, D)
+        x = x + cache.mod_row + cache.pos_rows[t]
+        if cache.context_bias is not None:
+            x = x + cache.context_bias
+        no_mask = _NO_MASK
+        for i, block in enumerate(self.decoder):
+            x = block.step(x, cache.self_k[i], cache.self_v[i], t, cache.cross_kv[i], cache.cross_mask, no_mask)
+        cache.length = t + 1
+        return self.decoder_norm(x)
+
     def decode(self, enc_out, dec_input_ids, dec_mod, dec_pos, dec_mask, cache: DecoderCache | None = None):
         """Run the decoder over target slots -> hidden (B, Nt, D) (after the final norm).
 
@@ -598,6 +696,25 @@ class OneModel(nn.Module):
             new_kv.append(self_kv)
         if cache is not None:
             cache.self_kv, cache.mod, cache.pos, cache.mask = new_kv, k_mod, k_pos, k_mask
+        return self.decoder_norm(x)
+
+    def decode_grid(self, enc_out: EncoderOutput, modality: str, positions: torch.Tensor) -> torch.Tensor:
+        """Decoder queries at ``positions`` (B, Nq) of grid ``modality`` (every slot real, one grid for the whole
+        batch: MaskGIT / random-order generation) -> hidden (B, Nq, D) after the final norm.
+
+        Same result as ``decode`` with those slots (tests check it), without its input checks and mask planning:
+        the queries all see each other (no self-attention mask), so nothing here reads a tensor on the host.
+        """
+        m = self.config.modality_index(modality)
+        if not self.config.modalities[m].is_grid:
+            raise ValueError(f"decode_grid decodes grid targets; {modality!r} is a sequence")
+        x = self.mask_token + self.dec_mod_emb.weight[m] + self.pos_table[positions + int(self.pos_offset[m])]
+        if self.aligned_proj is not None and enc_out.mod is not None:
+            mod, present = torch.full_like(positions, m), torch.ones_like(positions, dtype=torch.bool)
+            x = x + self.aligned_proj(self.aligned_context(enc_out, mod, positions, present))
+        cross_mask = AttentionMask(self._key_padding_mask(enc_out.mask, num_queries=positions.shape[1]))
+        for block in self.decoder:
+            x, _ = block(x, _NO_MASK, False, block.cross_attn.context_kv(enc_out.states), cross_mask)
         return self.decoder_norm(x)
 
     def logits_for(self, hidden: torch.Tensor, modality: str) -> torch.Tensor:

@@ -72,13 +72,18 @@ class MaskGITSchedule:
     cosine: cosine schedule (few tokens first, many at the end) when True, linear otherwise.
     choice_temperature: Gumbel noise added to the log-confidence when choosing which tokens to keep, annealed
         linearly to 0 over the steps (MaskGIT uses ~4.5); 0 = pure confidence order (deterministic at temperature 0).
+    counts: explicit tokens decoded at each step (4M-style schedules, e.g. ``(1, 3, 12, 48, 192)`` for a 16x16
+        grid); they must sum to the grid's token count, each >= 1. When given, ``steps`` is ``len(counts)`` and
+        ``cosine`` is unused.
     """
 
     steps: int = 8
     cosine: bool = True
     choice_temperature: float = 0.0
+    counts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        _explicit_counts(self)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
             raise TypeError(f"steps must be an int, got {type(self.steps).__name__}")
         if self.steps < 1:
@@ -88,7 +93,10 @@ class MaskGITSchedule:
 
     kind = "grid"
 
-    def counts(self, num_tokens: int) -> list[int]:
+    def step_counts(self, num_tokens: int) -> list[int]:
+        """Tokens decoded at each step for a grid of ``num_tokens`` tokens."""
+        if self.counts is not None:
+            return _check_counts(self.counts, num_tokens)
         return step_counts(num_tokens, self.steps, self.cosine)
 
 
@@ -99,8 +107,10 @@ class RandomOrderSchedule:
     """
 
     steps: int = 8
+    counts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        _explicit_counts(self)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
             raise TypeError(f"steps must be an int, got {type(self.steps).__name__}")
         if self.steps < 1:
@@ -108,8 +118,31 @@ class RandomOrderSchedule:
 
     kind = "grid"
 
-    def counts(self, num_tokens: int) -> list[int]:
+    def step_counts(self, num_tokens: int) -> list[int]:
+        """Tokens decoded at each step (explicit ``counts``, else near-equal chunks)."""
+        if self.counts is not None:
+            return _check_counts(self.counts, num_tokens)
         return step_counts(num_tokens, self.steps, cosine=False)
+
+
+def _explicit_counts(schedule) -> None:
+    """Validate a schedule's explicit ``counts`` and set ``steps = len(counts)``."""
+    if schedule.counts is None:
+        return
+    counts = schedule.counts
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence) or not counts:
+        raise TypeError(f"counts must be a non-empty list of ints (tokens per step), got {counts!r}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+        raise ValueError(f"counts must be ints >= 1 (every step decodes at least one token), got {list(counts)}")
+    object.__setattr__(schedule, "counts", tuple(counts))
+    object.__setattr__(schedule, "steps", len(counts))
+
+
+def _check_counts(counts: tuple[int, ...], num_tokens: int) -> list[int]:
+    if sum(counts) != num_tokens:
+        raise ValueError(f"schedule counts {list(counts)} sum to {sum(counts)}, but the grid has {num_tokens} tokens; "
+                         "make them sum to the grid's token count")
+    return list(counts)
 
 
 @dataclass(frozen=True)

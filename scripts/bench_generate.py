@@ -9,8 +9,15 @@ Measures, on one device:
 
 Sequences are generated to their full length (no eos) so every run does the same work.
 
+``--vs-reference`` (the issue-17 targets) instead times, interleaved in one process, OneModel next to
+``scripts/fourm_baseline.py``'s re-creation of the reference 4M samplers at the same config: B) 32 caption
+tokens from 256 rgb tokens (greedy), batch 1 and 8; C) 256 rgb tokens in 8 MaskGIT steps from a 32-token caption,
+batch 1 and 8. OneModel is timed as configured to match 4M (``aligned_context=False``) and in its default
+configuration. Each row is the median over ``--repeats`` rounds (jobs run in turn inside a round).
+
     python scripts/bench_generate.py --json runs/bench_generate.json
     python scripts/bench_generate.py --quick           # fewer repeats, batch 1 only for the slow uncached runs
+    python scripts/bench_generate.py --vs-reference --threads 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -31,12 +38,88 @@ from onemodel.model import OneModel, OneModelConfig
 logger = logging.getLogger("bench_generate")
 
 
-def reference_model(device: str, dtype: torch.dtype) -> OneModel:
+def reference_model(device: str, dtype: torch.dtype, **overrides) -> OneModel:
     """Width 256, 4+4 layers, 4 heads; 16x16 grids with 1024 codes; captions of up to 64 tokens, text vocab 1000."""
     mods = default_modalities(image_vocab=1024, grid_size=16, text_vocab=1000, caption_length=64)
     torch.manual_seed(0)
-    cfg = OneModelConfig(modalities=mods, dim=256, encoder_depth=4, decoder_depth=4, num_heads=4)
+    cfg = OneModelConfig(modalities=mods, dim=256, encoder_depth=4, decoder_depth=4, num_heads=4, **overrides)
     return OneModel(cfg).to(device=device, dtype=dtype).eval()
+
+
+def vs_reference(args) -> dict:
+    """Issue-17 rows: OneModel (4M-matched and default config) vs the 4M re-creation, interleaved, medians."""
+    import statistics
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fourm_baseline import FourMBaseline, generate_maskgit, generate_sequence, generation_mod_dict
+
+    from onemodel.sampling import step_counts
+
+    dev = args.device
+    matched, default = reference_model(dev, torch.float32, aligned_context=False), reference_model(dev, torch.float32)
+    torch.manual_seed(0)
+    base = FourMBaseline(matched.config.modalities, 256, 4, 4, 4).to(dev).eval()
+    g = torch.Generator().manual_seed(0)
+    n_cap, steps = 32, 8
+    counts = step_counts(256, steps, cosine=True)
+    rows = []
+    for kind in ("caption", "maskgit"):
+        for batch in (1, 8):
+            if kind == "caption":
+                rgb = torch.randint(0, 1024, (batch, 256), generator=g).to(dev)
+                opts = SamplingOptions(schedule=AutoregressiveSchedule(max_length=n_cap))
+                mod_dict = generation_mod_dict({"rgb": rgb}, "caption", base.modalities)
+                jobs = {
+                    "reference": partial(generate_sequence, base, mod_dict, "caption", n_cap),
+                    "onemodel": partial(generate, matched, {"rgb": rgb}, ["caption"], opts, eos_id=None),
+                    "onemodel default": partial(generate, default, {"rgb": rgb}, ["caption"], opts, eos_id=None),
+                }
+                unit = batch * n_cap  # tokens
+            else:
+                cap = torch.randint(4, 1000, (batch, n_cap), generator=g).to(dev)
+                opts = SamplingOptions(temperature=1.0, schedule=MaskGITSchedule(steps=steps))
+                mod_dict = generation_mod_dict({"caption": cap}, "rgb", base.modalities)
+                jobs = {
+                    "reference": partial(generate_maskgit, base, mod_dict, "rgb", counts),
+                    "onemodel": partial(generate, matched, {"caption": cap}, ["rgb"], opts),
+                    "onemodel default": partial(generate, default, {"caption": cap}, ["rgb"], opts),
+                }
+                unit = batch  # images
+            times = {k: [] for k in jobs}
+            with torch.no_grad():
+                for r in range(args.repeats + 1):
+                    for key, fn in jobs.items():
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        fn()
+                        _sync(dev)
+                        if r:
+                            times[key].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"kind": kind, "batch": batch, "seconds": med, "all_seconds": times}
+            if kind == "caption":
+                row["tokens_per_s"] = {k: unit / t for k, t in med.items()}
+            else:
+                row["seconds_per_image"] = {k: t / unit for k, t in med.items()}
+            row["ratio"] = {k: med["reference"] / t for k, t in med.items() if k != "reference"}
+            rows.append(row)
+            logger.info("%s batch %d: %s", kind, batch, {k: round(v, 4) for k, v in med.items()})
+    return {"device": dev, "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}
+
+
+def format_vs_reference(r: dict) -> str:
+    lines = [f"vs the 4M re-creation (fp32, {r['threads']} threads, median of {r['repeats']} interleaved rounds)", "",
+             "| measure | reference 4M (re-creation) | onemodel (aligned_context=False) | ratio | onemodel default | ratio | goal |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        if row["kind"] == "caption":
+            v, name, fmt, goal = row["tokens_per_s"], f"B caption tokens/s, batch {row['batch']}", "{:.0f}", ">= 5x"
+        else:
+            v, name, fmt, goal = row["seconds_per_image"], f"C MaskGIT s/image, batch {row['batch']}", "{:.3f}", ">= 2x"
+        ratio = row["ratio"]
+        lines.append(f"| {name} | {fmt.format(v['reference'])} | {fmt.format(v['onemodel'])} | {ratio['onemodel']:.2f}x "
+                     f"| {fmt.format(v['onemodel default'])} | {ratio['onemodel default']:.2f}x | {goal} |")
+    return "\n".join(lines)
 
 
 def _sync(device: str) -> None:
@@ -68,10 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1 repeat; skip batch-8 uncached runs")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--vs-reference", action="store_true", help="only the issue-17 rows against the 4M re-creation")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vs_reference:
+        res = vs_reference(args)
+        print(format_vs_reference(res))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     repeats = 1 if args.quick else args.repeats
     dev, dtype = args.device, getattr(torch, args.dtype)
     model = reference_model(dev, dtype)

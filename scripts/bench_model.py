@@ -148,13 +148,14 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
     # init="trunc_normal": the same N(0, 0.02) init as the 4M-style baseline, so both start at loss ~ln(V)
     # (init does not change the speed; the default init starts residual branches at zero)
     cfg = OneModelConfig(modalities=mods, dim=args.dim, encoder_depth=args.depth, decoder_depth=args.depth,
-                         num_heads=args.heads, attention=backend if impl == "onemodel" else "sdpa",
-                         init="trunc_normal")
+                         num_heads=args.heads, attention=backend if impl.startswith("onemodel") else "sdpa",
+                         init="trunc_normal", aligned_context=impl != "onemodel-matched")
     flops_model = OneModel(cfg)
     flops_per_token = flops_model.flops_per_token(args.inputs, args.targets,
                                                   vocab=(args.grid_vocab + args.text_vocab) / 2)
-    if impl in ("onemodel", "onemodel-dense"):
-        model = flops_model if impl == "onemodel" else DenseMaskOneModel(cfg)
+    if impl in ("onemodel", "onemodel-dense", "onemodel-matched", "onemodel-ckpt"):
+        model = DenseMaskOneModel(cfg) if impl == "onemodel-dense" else flops_model
+        model.gradient_checkpointing = impl == "onemodel-ckpt"
         model = model.to(device).train()
         batch = onemodel_batch(spec).to(device)
         forward = lambda: model(batch).loss  # noqa: E731
@@ -174,23 +175,31 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
     def step():
         with autocast:
             loss = forward()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # gradients freed before the next forward (as training/train.py does)
         return loss.detach()
 
-    label = {"onemodel": backend, "onemodel-dense": backend + " + dense masks", "fourm": "eager (4M-style)"}[impl]
+    label = {"onemodel": backend, "onemodel-dense": backend + " + dense masks", "fourm": "eager (4M-style)",
+             "onemodel-matched": backend + ", aligned_context=False",
+             "onemodel-ckpt": backend + " + gradient checkpointing"}[impl]
     label += " + compile" if compiled == "1" else ""
     info = {"impl": impl.split("-")[0], "backend": label, "dtype": dtype, "compiled": compiled == "1",
             "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters())}
     return step, info
 
 
-def measure_memory(args, impl: str, backend: str, dtype: str, compiled: str = "0") -> float:
-    """Peak memory (MB) of training steps: CUDA max allocated, or CPU peak-RSS growth during the steps."""
+def measure_memory(args, impl: str, backend: str, dtype: str, compiled: str = "0") -> dict:
+    """Memory (MB) of one variant in a fresh process, per section. CUDA: max allocated during the steps. CPU:
+    resident set after the imports, after building model + batch + optimizer, the process's peak over three
+    training steps (``total_peak_mb``, what the issue's RSS target is about) and the peak growth during the
+    last two steps (activations + gradients: ``peak_mb``)."""
+    out = {"import_mb": _status_kb("VmRSS") / 1024}
     step, _ = build_variant(args, impl, backend, dtype, compiled)
+    out["built_mb"] = _status_kb("VmRSS") / 1024
     step()
     _sync(args.device)
+    out["first_step_peak_mb"] = _status_kb("VmHWM") / 1024
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -200,8 +209,11 @@ def measure_memory(args, impl: str, backend: str, dtype: str, compiled: str = "0
         step()
     _sync(args.device)
     if args.device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return max(0, _status_kb("VmHWM") - rss0) / 1024
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mb"] = max(0, _status_kb("VmHWM") - rss0) / 1024
+    out["total_peak_mb"] = max(out["first_step_peak_mb"], _status_kb("VmHWM") / 1024)
+    return out
 
 
 def time_variants(args, names) -> list[dict]:
@@ -242,9 +254,13 @@ def variants(args) -> list[tuple[str, str, str]]:
     for dtype in args.dtypes.split(","):
         if not args.no_baseline:
             out.append(("fourm", "eager", dtype, "0"))
+        if "sdpa" in backends:  # configured like 4M (no aligned context), next to the default configuration
+            out.append(("onemodel-matched", "sdpa", dtype, "0"))
         out += [("onemodel", b, dtype, "0") for b in backends]
         if args.ablations and "sdpa" in backends:
             out.append(("onemodel-dense", "sdpa", dtype, "0"))
+        if args.checkpointing and "sdpa" in backends:
+            out.append(("onemodel-ckpt", "sdpa", dtype, "0"))
         if args.compile:  # compiled rows next to the eager ones, baseline compiled the same way
             if not args.no_baseline:
                 out.append(("fourm", "eager", dtype, "1"))
@@ -272,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--ablations", action="store_true", help="add OneModel with dense masks (what structured masks give)")
     p.add_argument("--no-baseline", action="store_true", help="skip the 4M-style baseline rows")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="add OneModel with gradient checkpointing (less activation memory, one more block forward)")
     p.add_argument("--compile", action="store_true",
                    help="add rows with torch.compile'd blocks (the baseline's and OneModel's first backend); "
                         "their compile time is the first step (first_step_s in the JSON)")
@@ -298,7 +316,8 @@ def main(argv=None) -> int:
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"memory run {name} failed:\n{res.stderr[-3000:]}")
-            row["peak_mem_mb"] = json.loads(res.stdout.strip().splitlines()[-1])
+            mem = json.loads(res.stdout.strip().splitlines()[-1])
+            row["peak_mem_mb"], row["memory"] = mem["peak_mb"], mem
 
     # vs the eager baseline of the same dtype, and vs the baseline with the same compile setting
     base = {(r["dtype"], r["compiled"]): r["ms_per_step"] for r in rows if r["impl"] == "fourm"}
@@ -311,15 +330,18 @@ def main(argv=None) -> int:
           f"{args.threads} threads; batch {args.batch}, {args.inputs} input + {args.targets} target tokens/sample, "
           f"width {args.dim}, {args.depth}+{args.depth} layers, {args.heads} heads")
     print(f"matmul peak ({args.peak_size}^2): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
-    head = (f"| {'impl':8s} | {'attention':26s} | dtype | ms/step (best) | ms/step (median) | tokens/s | GFLOP/token "
-            f"| MFU | peak mem MB | first step s | vs 4M-style | vs 4M-style same compile |")
+    head = (f"| {'impl':8s} | {'attention':34s} | dtype | ms/step (best) | ms/step (median) | tokens/s | GFLOP/token "
+            f"| MFU | peak mem MB | RSS MB import / built / peak | first step s | vs 4M-style | vs 4M-style same compile |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     fmt = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
     for r in rows:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        print(f"| {r['impl']:8s} | {r['backend']:26s} | {r['dtype']:5s} | {r['ms_per_step']:14.0f} | {r['ms_median']:16.0f} "
+        m = r.get("memory")
+        rss = f"{m['import_mb']:.0f} / {m['built_mb']:.0f} / {m['total_peak_mb']:.0f}" if m else "-"
+        print(f"| {r['impl']:8s} | {r['backend']:34s} | {r['dtype']:5s} | {r['ms_per_step']:14.0f} | {r['ms_median']:16.0f} "
               f"| {r['tokens_per_s']:8.0f} | {r['flops_per_token'] / 1e9:11.4f} | {r['mfu'] * 100:2.0f}% | {mem:>11s} "
+              f"| {rss:>28s} "
               f"| {r['first_step_s']:12.1f} | {fmt(r['speedup_vs_fourm']):>11s} | {fmt(r['speedup_vs_fourm_same_compile']):>24s} |")
     out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
            "peak_flops": peaks, "rows": rows}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from onemodel.model import sincos_1d, sincos_2d
 
-__all__ = ["FourMBaseline", "make_mod_dict"]
+__all__ = ["FourMBaseline", "make_mod_dict", "generate_sequence", "generate_maskgit", "generation_mod_dict"]
 
 
 class Mlp(nn.Module):
@@ -298,4 +298,104 @@ def make_mod_dict(batch_spec, modalities):
                 dam[b, s["targets"][mi]] = 1
                 dam[b, s["targets"][mi][0]] = before + 1
         out[m.name] = {"tensor": ids, "input_mask": inp, "target_mask": tgt, "decoder_attention_mask": dam}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generation
+# Re-creations of the reference's batched samplers (``fourm/models/generate.py``: ``autoregressive_step_batched``
+# and ``maskgit_step_batched``), same work per token / step: the caption decoder re-runs every decoder layer over
+# the whole prefix for each new token (cross-attention k/v of the context recomputed in every layer, logits for
+# every prefix slot); MaskGIT re-embeds every modality, re-selects the input / target slots and re-runs the
+# encoder and the decoder (over every still-masked slot) at each step.
+
+
+def _encoder_inputs(model: FourMBaseline, mod_dict: dict):
+    """forward_mask_encoder_generation: embed every modality, keep the real inputs (max count over the batch)."""
+    enc = {m: model.encoder_embeddings[m](d) for m, d in mod_dict.items()}
+    tokens_all, emb_all, mask_all, _ = model.cat_encoder_tensors(enc)
+    B, N, D = tokens_all.shape
+    num = int((~mask_all).sum(1).max())
+    arange = torch.arange(N, device=tokens_all.device).unsqueeze(0) * 1e-6
+    keep = torch.argsort(mask_all.float() + arange, dim=1)[:, :num]
+    idx = keep.unsqueeze(-1).expand(-1, -1, D)
+    tokens, emb = torch.gather(tokens_all, 1, idx), torch.gather(emb_all, 1, idx)
+    mask = torch.gather(mask_all, 1, keep)
+    tokens, emb = tokens.masked_fill(mask[..., None], 0.0), emb.masked_fill(mask[..., None], 0.0)
+    return tokens, emb, mask.unsqueeze(1)  # mask (B, 1, Ni), True = padding
+
+
+def _encode_context(model: FourMBaseline, mod_dict: dict):
+    tokens, emb, mask = _encoder_inputs(model, mod_dict)
+    x = tokens + emb
+    for blk in model.encoder:
+        x = blk(x, mask=mask)
+    return model.decoder_proj_context(model.encoder_norm(x)) + emb, mask
+
+
+def _decoder(model: FourMBaseline, y, context, sa_mask, xa_mask):
+    for blk in model.decoder:
+        y = blk(y, context, sa_mask=sa_mask, xa_mask=xa_mask)
+    return model.decoder_norm(y)
+
+
+@torch.no_grad()
+def generate_sequence(model: FourMBaseline, mod_dict: dict, target: str, num_tokens: int) -> torch.Tensor:
+    """Greedy autoregressive decoding of ``num_tokens`` tokens of ``target`` (B, num_tokens), as the reference does
+    it: encoder once, then per token the whole decoder over the prefix with a dense causal mask."""
+    context, enc_mask = _encode_context(model, mod_dict)
+    B = context.shape[0]
+    dec = model.decoder_embeddings[target]
+    y_emb = dec.pos_emb[:, :num_tokens] + dec.mod_emb  # (1, L, D)
+    out = torch.zeros(B, 1, dtype=torch.long, device=context.device)  # start token
+    for _ in range(num_tokens):
+        n = out.shape[1]
+        y = dec.token_emb(out) + y_emb[:, :n]
+        causal = torch.ones(n, n, dtype=torch.bool, device=y.device).triu(1)[None].repeat(B, 1, 1)  # True = masked
+        y = _decoder(model, y, context, causal, enc_mask)
+        logits = dec.forward_logits(y).reshape(B, n, -1)  # the reference computes every prefix slot's logits
+        out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return out[:, 1:]
+
+
+@torch.no_grad()
+def generate_maskgit(model: FourMBaseline, mod_dict: dict, target: str, counts: list[int], temperature: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """MaskGIT on grid ``target`` with ``counts[s]`` tokens kept at step s; ``mod_dict[target]`` starts fully
+    masked (input_mask all True). Per step: encoder over the inputs + decoded tokens, decoder over every masked
+    slot (no self-attention mask), sample every slot, keep the most confident."""
+    mod_dict = {m: dict(d) for m, d in mod_dict.items()}
+    d = mod_dict[target]
+    dec = model.decoder_embeddings[target]
+    B, N = d["tensor"].shape
+    pos_all = torch.arange(N, device=d["tensor"].device).expand(B, N)
+    for count in counts:
+        context, enc_mask = _encode_context(model, mod_dict)
+        masked = d["input_mask"]  # True = not decoded yet
+        num = int(masked[0].sum())  # every sample has as many masked slots (one schedule)
+        keep = torch.argsort((~masked).float() + torch.arange(N, device=masked.device) * 1e-6, dim=1)[:, :num]
+        emb = dec.pos_emb.expand(B, -1, -1) + dec.mod_emb
+        y = torch.gather(dec.mask_token.expand(B, N, -1) + emb, 1, keep[..., None].expand(-1, -1, emb.shape[-1]))
+        y = _decoder(model, y, context, None, enc_mask)
+        logits = dec.forward_logits(y)  # (B, num, V)
+        probs = F.softmax(logits / temperature, dim=-1)
+        samples = torch.multinomial(probs.reshape(B * num, -1), 1, generator=generator).reshape(B, num)
+        conf = torch.gather(probs, -1, samples[..., None])[..., 0]
+        top = torch.topk(conf, count, dim=-1).indices
+        top_pos = torch.gather(torch.gather(pos_all, 1, keep), 1, top)
+        d["tensor"] = torch.scatter(d["tensor"], -1, top_pos, torch.gather(samples, 1, top))
+        d["input_mask"] = torch.scatter(d["input_mask"], -1, top_pos, False)
+    return d["tensor"]
+
+
+def generation_mod_dict(inputs: dict[str, torch.Tensor], target: str, modalities) -> dict:
+    """mod_dict for generation: ``inputs`` name -> (B, N) ids (all real), and the empty ``target``."""
+    B = next(iter(inputs.values())).shape[0]
+    out = {}
+    for m in modalities:
+        if m.name in inputs:
+            ids = inputs[m.name]
+            out[m.name] = {"tensor": ids, "input_mask": torch.zeros_like(ids, dtype=torch.bool)}
+        elif m.name == target and m.is_grid:
+            out[m.name] = {"tensor": torch.zeros(B, m.num_tokens, dtype=torch.long),
+                           "input_mask": torch.ones(B, m.num_tokens, dtype=torch.bool)}
     return out
