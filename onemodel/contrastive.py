@@ -218,7 +218,8 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
 
 class CaptionDecoder(nn.Module):
     """CoCa's captioning head: a causal transformer decoder over the text ids that cross-attends to the image
-    tokens (the vision tower's last hidden states, projected); next-token cross-entropy, pads ignored."""
+    tokens (the vision tower's last hidden states, projected); next-token cross-entropy, pads ignored, averaged
+    per caption and then over the batch."""
 
     def __init__(self, vocab_size: int, image_width: int, width: int, layers: int, heads: int, max_length: int,
                  bos_id: int) -> None:
@@ -245,8 +246,11 @@ class CaptionDecoder(nn.Module):
         causal = torch.full((length, length), float("-inf"), device=x.device).triu(1)
         h = self.blocks(x, self.image_proj(image_tokens), tgt_mask=causal)
         logits = self.head(self.norm(h))
-        target = input_ids.masked_fill(attention_mask == 0, -100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+        # mean over each caption's tokens, then over captions: every process averaging its own captions then
+        # matches one process over the global batch (equal captions per process)
+        token_loss = F.cross_entropy(logits.transpose(1, 2).float(), input_ids, reduction="none")
+        keep = attention_mask.to(token_loss.dtype)
+        return ((token_loss * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
 
 
 # ------------------------------------------------------------------------------------------------ the model
