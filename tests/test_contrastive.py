@@ -232,6 +232,7 @@ def _rank_grads(rank: int, world: int, port: int, path: str) -> None:
         results.append({"loss": out.contrastive_loss.detach(), "grads": grads})
     if rank == 0:
         torch.save(results, path)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -259,3 +260,65 @@ def test_two_processes_see_the_global_batch(tokenizer, scenes, tmp_path):
         assert set(got["grads"]) == set(grads)
         for name, g in grads.items():
             assert torch.allclose(got["grads"][name], g, atol=1e-6, rtol=1e-4), name
+
+
+# ------------------------------------------------------------------------------------------------ train-clip
+
+
+@pytest.fixture(scope="module")
+def clip_data(tmp_path_factory) -> Path:
+    from training.data.shapes import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("clip_data")
+    make_shapes_dataset(root, num_train=48, num_val=16, num_test=16, resolution=32, samples_per_shard=16,
+                        progress=False)
+    return root
+
+
+def clip_overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    model = [f"model.{k}={v}" for k, v in TINY.items()]
+    return [*model, f"data.path={data}", "data.val_samples=16", "num_threads=1", "optim.batch_size=8",
+            "optim.max_steps=6", "optim.warmup_steps=2", "optim.lr=3e-3", "logging.log_every=2",
+            "logging.eval_every=3", "logging.progress_bar=false", "checkpoint.every=0", f"checkpoint.out_dir={out}",
+            *extra]
+
+
+def test_train_clip_resumes_exactly_and_evaluates(clip_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from onemodel.cli import main as cli
+    from training.run_log import read_metrics
+    from training.train_clip import load_clip_config, train_clip
+
+    straight = train_clip(load_clip_config(None, clip_overrides(clip_data, tmp_path / "straight")))
+    assert straight["final_step"] == 6 and "val/i2t_r1" in straight["val"]
+    cut = load_clip_config(None, clip_overrides(clip_data, tmp_path / "cut"))
+    assert train_clip(cut, stop_at_step=3)["final_step"] == 3
+    with pytest.raises(ValueError, match="--resume"):
+        train_clip(cut)
+    assert train_clip(cut, resume=True)["start_step"] == 3
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [2, 3, 4, 6]  # the cut run also logged its last step, 3
+    # the run directory is an ImageTextEncoder; onemodel eval scores it (retrieval + zero-shot + picture)
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(tmp_path / "cut"), "--data", str(clip_data), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "i2t_r1" in printed and "color_acc" in printed
+    results = json.loads((tmp_path / "cut" / "eval" / "results.json").read_text())
+    assert results["retrieval"]["num"] == 16.0
+    assert (tmp_path / "cut" / "eval" / "retrieval.png").is_file()
+    assert "retrieval.png" in (tmp_path / "cut" / "eval" / "report.html").read_text()
+
+
+def test_train_clip_bad_config_is_one_line(clip_data, tmp_path, capsys):
+    from onemodel.cli import main as cli
+
+    assert cli(["train-clip", *clip_overrides(clip_data, tmp_path / "r", "optim.micro_batch_size=4")]) == 2
+    assert "no gradient accumulation" in capsys.readouterr().err
+    assert cli(["train-clip", *clip_overrides(tmp_path / "nowhere", tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["train-clip", *clip_overrides(clip_data, tmp_path / "r", "model.lossy=clip")]) == 2
+    assert "lossy" in capsys.readouterr().err

@@ -10,7 +10,8 @@ Same run-directory conventions as ``onemodel train`` (``training/train.py``), wi
 (``training/checkpointing.py``, ``training/run_log.py``)::
 
     OUT/train_config.json      the resolved config
-    OUT/metrics.jsonl          {"step", "time", "lr", "samples_per_s", "train/loss", "logit_scale", "val/i2t_r1", ...}
+    OUT/metrics.jsonl          {"step", "time", "cpu_time", "lr", "samples_per_s", "train/loss", "logit_scale",
+                                "val/i2t_r1", ...}  (time: wall seconds; cpu_time: CPU seconds of the process)
     OUT/checkpoints/step_N/    accelerate state (model, optimizer, RNG) + trainer_state.json; --resume continues
     OUT/model/                 ImageTextEncoder.save_pretrained (transformers CLIPModel + tokenizer/ + heads)
 
@@ -330,6 +331,7 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
                disable=not show_bar)
     model.train()
     t_start = t_last = time.perf_counter()
+    cpu_start = time.process_time()  # CPU seconds of this process: on a shared machine, what the run really cost
     train_loss, val_result = float("nan"), {}
     win_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     win_steps = 0
@@ -353,9 +355,10 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"the training loss became {train_loss} at step {done}: lower optim.lr")
             now = time.perf_counter()
-            record = {"time": now - t_start, "lr": lr, "train/loss": train_loss,
+            record = {"time": now - t_start, "cpu_time": time.process_time() - cpu_start, "lr": lr,
+                      "train/loss": train_loss,
                       "samples_per_s": win_steps * optim.batch_size / max(now - t_last, 1e-9),
-                      "logit_scale": float(core.hf.logit_scale.exp())}
+                      "logit_scale": float(core.hf.logit_scale.detach().exp())}
             if out.caption_loss is not None:
                 record["train/caption_loss"] = float(out.caption_loss)
             if grad_norm is not None:
@@ -386,6 +389,7 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
     steps = end_step - start_step
     summary = {
         "start_step": start_step, "final_step": end_step, "steps": steps, "wall_time_s": wall,
+        "cpu_time_s": time.process_time() - cpu_start,
         "samples_per_s": steps * optim.batch_size / wall if wall > 0 else 0.0, "train_loss": train_loss,
         "val": val_result, "num_params": n_params, "num_processes": num_processes,
         "out_dir": str(out_dir), "model_dir": str(out_dir / "model"),
