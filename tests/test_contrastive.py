@@ -322,3 +322,10 @@ def test_train_clip_bad_config_is_one_line(clip_data, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli(["train-clip", *clip_overrides(clip_data, tmp_path / "r", "model.lossy=clip")]) == 2
     assert "lossy" in capsys.readouterr().err
+
+
+def test_shipped_config_parses():
+    from training.train_clip import load_clip_config
+
+    config = load_clip_config(REPO / "configs" / "clip_shapes.yaml", ["model.loss=siglip"])
+    assert config.model.loss == "siglip" and config.optim.batch_size % 8 == 0
