@@ -329,3 +329,25 @@ def test_shipped_config_parses():
 
     config = load_clip_config(REPO / "configs" / "clip_shapes.yaml", ["model.loss=siglip"])
     assert config.model.loss == "siglip" and config.optim.batch_size % 8 == 0
+
+
+@pytest.mark.slow
+def test_train_clip_two_processes_equal_one_process(clip_data, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo) x 4 samples == 1 process x 8 samples, end to end."""
+    from safetensors.torch import load_file
+
+    from training.train_clip import load_clip_config, train_clip
+
+    extra = ("optim.max_steps=4", "logging.eval_every=0")
+    single = train_clip(load_clip_config(None, clip_overrides(clip_data, tmp_path / "one", *extra)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "training.train_clip",
+           *clip_overrides(clip_data, tmp_path / "two", *extra)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"train loss {single['train_loss']:.4f}" in result.stdout  # the same global-batch loss
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for k in a:  # AdamW normalises tiny gradients, so float summation order shows at ~1e-4 after 4 steps
+        torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0)

@@ -159,8 +159,10 @@ def load_clip_samples(path: str | Path, split: str, image_size: int, text_key: s
     from tqdm.auto import tqdm
 
     bar = tqdm(desc=f"load {split}", unit="sample", disable=not progress, total=limit)
-    for sample in iter_samples(Path(path) / split, resolution=image_size, modalities=wanted,
-                               require=["rgb", text_key]):
+    with _whole_split_on_every_rank():
+        samples = list(_take(iter_samples(Path(path) / split, resolution=image_size, modalities=wanted,
+                                          require=["rgb", text_key]), limit))
+    for sample in samples:
         text = sample[text_key]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"data.text_key {text_key!r}: sample {sample.get('__key__')} holds "
@@ -169,12 +171,34 @@ def load_clip_samples(path: str | Path, split: str, image_size: int, text_key: s
         texts.append(text)
         scenes.append(sample.get("scene"))
         bar.update(1)
-        if limit is not None and len(texts) >= limit:
-            break
     bar.close()
     if not texts:
         raise ValueError(f"{str(Path(path) / split)!r} holds no samples with rgb and {text_key!r}")
     return ClipSamples(np.stack(rgb), texts, scenes)
+
+
+def _take(items: Any, limit: int | None) -> Any:
+    for i, item in enumerate(items):
+        if limit is not None and i >= limit:
+            return
+        yield item
+
+
+class _whole_split_on_every_rank:
+    """The shard reader gives each distributed rank a disjoint part of the shards (webdataset's split_by_node,
+    which reads RANK / WORLD_SIZE from the environment); here every process must hold the whole split, so the
+    reader is shown a single process while it runs."""
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+
+    def __exit__(self, *exc: Any) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def sample_indices(seed: int, n: int, start: int, count: int) -> np.ndarray:
