@@ -346,7 +346,10 @@ def test_train_clip_two_processes_equal_one_process(clip_data, tmp_path):
            *clip_overrides(clip_data, tmp_path / "two", *extra)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"train loss {single['train_loss']:.4f}" in result.stdout  # the same global-batch loss
+    import re
+
+    two_loss = float(re.search(r"train loss ([0-9.]+)", result.stdout).group(1))
+    assert two_loss == pytest.approx(single["train_loss"], abs=2e-4)  # the same global-batch loss
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:  # AdamW normalises tiny gradients, so float summation order shows at ~1e-4 after 4 steps
