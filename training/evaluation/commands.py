@@ -51,9 +51,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    start = time.perf_counter()
     model = Path(args.model)
     if not model.exists():
         raise FileNotFoundError(f"no model at {model}: train one with `onemodel train` (or run `onemodel demo`)")
+    from training.evaluation.contrastive import is_contrastive_run
+
+    if is_contrastive_run(model):  # a contrastive image-text encoder (onemodel train-clip): retrieval + zero-shot
+        from training.evaluation.contrastive import evaluate_contrastive
+
+        results, page = evaluate_contrastive(model, args.data, args.split, args.limit, args.out, args.metrics_log,
+                                             progress=not args.no_progress)
+        print(metrics_markdown_table(results))
+        print(f"report:  {page}")
+        print(f"evaluated in {time.perf_counter() - start:.1f} s")
+        return 0
     out = Path(args.out) if args.out else model / "eval"
     from tokenizers_mm.io_atomic import check_output_dir
 
@@ -68,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance_scale is not None:
         sampling.setdefault("text_to_image", {})["guidance_scale"] = args.guidance_scale
     sampling.setdefault("text_to_image", {})["seed"] = args.seed
-    start = time.perf_counter()
     pipeline = OneModelPipeline.from_pretrained(model, device=args.device)
     ev = evaluate(
         pipeline,

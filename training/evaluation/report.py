@@ -497,6 +497,7 @@ def write_report(
     examples: dict[str, list[dict[str, Any]]] | None = None,
     metrics_log: str | Path | None = None,
     title: str = "onemodel evaluation",
+    images: dict[str, str] | None = None,
 ) -> Path:
     """Write ``report.html`` with its PNGs, ``metrics.md`` and ``results.json`` into ``out_dir``; return the
     path of ``report.html``.
@@ -519,6 +520,9 @@ def write_report(
     (H, W), or boxes ``[{"box": [x0, y0, x1, y1], "label", "score"?}]`` drawn on ``inputs["rgb"]``.
 
     metrics_log: a JSONL metrics log (``training/run_log.py`` format); its curves go to ``curves.png``.
+
+    images: ``{heading: file name}`` of further PNGs already written in ``out_dir`` (e.g. a retrieval grid),
+    shown after the examples.
     """
     from tokenizers_mm.io_atomic import atomic_directory, save_image, write_json, write_text
     from training.run_log import read_metrics
@@ -543,6 +547,9 @@ def write_report(
             parts.append(f"<h2 id='task-{html.escape(_safe_name(task))}'>{html.escape(task)}</h2>")
             parts.append("<p>inputs | prediction | ground truth</p>")
             parts.append(f"<img src='{name}' alt='{html.escape(task)} examples'>")
+        for heading, name in (images or {}).items():
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
+            parts.append(f"<img src='{html.escape(name)}' alt='{html.escape(heading)}'>")
         parts.append("<h2 id='curves'>Training curves</h2>")
         if metrics_log is not None and Path(metrics_log).is_file() and read_metrics(metrics_log):
             try:
