@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 fn()
                 if r:
-                    wall[k].append((time.perf_counter() - t0) / T)
+                    wall[k].append(1000 * (time.perf_counter() - t0) / T)
         rows = {}
         for k, fn in impls.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
