@@ -152,11 +152,13 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     """out_dir: run directory (checkpoints/, model/, metrics.jsonl); every: checkpoint every N steps (0 = only at
-    the end); keep_last: complete checkpoints kept (0 = all)."""
+    the end); keep_last: complete checkpoints kept (0 = all); keep_best: also keep the model of the lowest
+    validation loss (measured every ``logging.eval_every`` steps) in ``out_dir/best_model``."""
 
     out_dir: str = "runs/onemodel"
     every: int = 500
     keep_last: int = 2
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 0:
