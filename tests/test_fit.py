@@ -80,6 +80,11 @@ def test_fit_on_split_folders_runs_every_stage(split_folder_run, capsys):
     assert tokens_meta["splits"]["train"] == 24 * (1 + plan["augment_copies"])
     assert tokens_meta["splits"]["val"] == 6
     assert (out / "run" / "best_model" / "model.safetensors").is_file()
+    # best_model is the model of the lowest validation loss logged during training
+    logged = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/loss"] for r in logged if "val/loss" in r and r["step"] > 0}
+    best = json.loads((out / "run" / "best_model" / "train_config.json").read_text())
+    assert best["val_loss"] == pytest.approx(min(val.values())) and val[best["step"]] == pytest.approx(best["val_loss"])
     assert state["eval"]["info"]["model"].endswith("best_model")
 
 

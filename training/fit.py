@@ -20,6 +20,8 @@ Sizing rules (applied when a setting is left at None, see ``plan_fit``):
   VQs, so 64 -> 8x8 tokens, 32 -> 4x4). Shard datasets keep their resolution (meta.json).
 - text vocabulary: 320 + the number of distinct words of the training texts, rounded up to a multiple of 64,
   in [256, 8192] (a closed whole-word vocabulary when every word fits).
+- tokenizer steps: 20 epochs of the training images (``tokenizer_steps``), at least 300, at most the recommended
+  config's (1500 for rgb: reached from 600 training images up).
 - depth tokenizer range: 0.9 x the smallest and 1.1 x the largest depth of up to 256 training maps.
 - small data (< ``SMALL_DATA`` training images): the small-data recipe ``SMALL_DATA_RECIPE`` (augmented copies of
   every training image, dropout, weight decay, best-validation model), measured in docs/own-data.md.
@@ -347,6 +349,11 @@ def _train_one_tokenizer(modality: str, cfg: Any, data: str, out: str, seed: int
     return {k: v for k, v in result.items() if k != "tokenizer"}
 
 
+def tokenizer_steps(num_train: int, recommended: int, batch_size: int) -> int:
+    """The tokenizer-steps rule: 20 epochs of the training images, at least 300 steps, at most the recommended."""
+    return int(min(recommended, max(300, round(20 * num_train / batch_size))))
+
+
 def tokenizer_configs(settings: FitSettings, plan: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     """The VQ tokenizer training configs: the recommended ones for ``settings.grid_size`` + the depth range."""
     from training.tokenizer_training import load_vq_training_config
@@ -354,6 +361,10 @@ def tokenizer_configs(settings: FitSettings, plan: dict[str, Any], data_dir: Pat
     out = {}
     for modality in [m for m in plan["tokenizers"] if m != "text"]:
         overrides = [f"{k}={v}" for k, v in settings.tokenizer_training.get(modality, {}).items()]
+        recommended = load_vq_training_config(modality, data_dir=data_dir, grid_size=settings.grid_size).training
+        steps = tokenizer_steps(plan["num_train"], recommended.steps, recommended.batch_size)
+        if steps != recommended.steps:
+            overrides = [f"training.steps={steps}", *overrides]
         if modality == "depth" and plan["depth_range"]:
             overrides = [f"tokenizer.depth_min={plan['depth_range'][0]}",
                          f"tokenizer.depth_max={plan['depth_range'][1]}", *overrides]
@@ -383,7 +394,8 @@ def _stage_tokenizers(settings: FitSettings, plan: dict[str, Any], data_dir: Pat
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if (os.cpu_count() or 1) >= 2 and len(configs) > 1:
+        # worker processes cost seconds to start (torch import): only worth it for real training runs
+        if (os.cpu_count() or 1) >= 2 and len(configs) > 1 and max(c.training.steps for c in configs.values()) >= 100:
             # spawn: a fresh interpreter per worker (no forked torch thread pools); rgb shows the progress bar
             with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_one_torch_thread) as pool:
