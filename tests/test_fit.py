@@ -72,6 +72,8 @@ def test_fit_on_split_folders_runs_every_stage(split_folder_run, capsys):
     assert sorted(p.name for p in (out / "tokenizers").iterdir()) == ["rgb", "text"]
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {"caption", "vqa"} <= set(results) and "depth" not in results
+    model_config = json.loads((out / "run" / "model" / "config.json").read_text())
+    assert sorted(m["name"] for m in model_config["modalities"]) == ["answer", "caption", "question", "rgb"]  # no det
     assert state["eval"]["info"]["split"] == "test"
     assert (out / "report" / "report.html").is_file()
     # small data: augmented copies in the training tokens, the best-validation model handed over

@@ -282,8 +282,9 @@ def validate_train_config(config: TrainConfig, num_processes: int = 1,
             if name not in provided:
                 raise ValueError(f"{key}.modalities: {name!r} is not provided by the tokenizer bundle "
                                  f"{str(bundle)!r} (it provides {provided})")
-    for name in config.model.max_lengths:
-        if name not in provided:
+    for name, length in config.model.max_lengths.items():
+        # 0 leaves a modality out, so it is absent from `provided`, which already has the overrides applied
+        if name not in provided and not (length == 0 and name in ("caption", "question", "answer", "det")):
             raise ValueError(f"model.max_lengths: {name!r} is not a sequence modality of the tokenizer bundle "
                              f"{str(bundle)!r} (it provides {provided})")
     for key, names in _masking_modality_names(config.masking).items():

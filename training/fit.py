@@ -439,8 +439,13 @@ def train_overrides(settings: FitSettings, plan: dict[str, Any], paths: dict[str
                     progress: bool = True) -> list[str]:
     """The dotted overrides of ``settings.train_config`` for this data: paths, tasks, recipe, preset, user's."""
     tasks = json.dumps(plan["tasks"])
+    present = set(plan["modalities"])
+    # text modalities the data lacks get no slot in the model (else the bundle's default lengths would add them)
+    absent = {name: 0 for name, needs in (("caption", "caption"), ("question", "qa"), ("answer", "qa"),
+                                          ("det", "boxes")) if needs not in present}
     return [
         f"tokenizers={paths['tokenizers']}",
+        *([f"model.max_lengths={json.dumps(absent)}"] if absent and "text" in plan["tokenizers"] else []),
         f"data.sources=[{{path: '{paths['tokens']}'}}]",
         f"checkpoint.out_dir={paths['run']}",
         f"seed={settings.seed}",
