@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--dim", type=int, default=None, help="model width (default: configs/demo.yaml's 192)")
+    parser.add_argument("--layers", type=int, default=None, help="encoder and decoder depth (default: 3 + 3)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--smoke", action="store_true", help="toy tokenizers and model (checks the script runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -70,7 +73,12 @@ def main() -> None:
         make_shapes_dataset(out / "shapes", args.num_train, 100, 200, resolution=64, progress=False)
         strip_to_captions_and_qa(out / "shapes", data)
     train = [f"optim.max_steps={args.steps}", "optim.warmup_steps=25", "checkpoint.every=100",
-             "checkpoint.keep_best=true", "logging.eval_every=25", "logging.eval_batches=4"]
+             "checkpoint.keep_best=true", "logging.eval_every=25", "logging.eval_batches=4",
+             f"optim.batch_size={args.batch_size}"]
+    if args.dim:
+        train += [f"model.dim={args.dim}", f"model.num_heads={max(1, args.dim // 64)}"]
+    if args.layers:
+        train += [f"model.encoder_depth={args.layers}", f"model.decoder_depth={args.layers}"]
     if args.smoke:
         train += ["model.dim=32", "model.num_heads=2", "model.encoder_depth=1", "model.decoder_depth=1"]
     base = dataclasses.replace(PRESETS["quick" if args.smoke else "default"], small_data=False, augment_copies=0,
@@ -97,7 +105,8 @@ def main() -> None:
             "best_step": best_step, "train_loss": info["train_loss"],
         }
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n{args.num_train} training images, {args.steps} steps; test: {args.eval_limit} images\n")
+    print(f"\n{args.num_train} training images, {args.steps} steps of {args.batch_size}, model dim {args.dim or 192}, "
+          f"{args.layers or 3}+{args.layers or 3} layers; test: {args.eval_limit} images\n")
     print("| variant | model | VQA | CIDEr | caption attr. F1 | val loss | train loss |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
