@@ -191,6 +191,9 @@ def test_fit_rejects_unknown_layout(tmp_path, capsys):
     _imagefolder(tmp_path / "only_test" / "test", 3)
     assert main(["fit", str(tmp_path / "only_test"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "no train split" in capsys.readouterr().err
+    for bad, message in ((["--val-fraction", "1.5"], "--val-fraction"), (["--resolution", "30"], "multiple of 8")):
+        assert main(["fit", str(tmp_path / "only_test"), "--out", str(tmp_path / "o3"), *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ data convert

@@ -524,6 +524,13 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
         settings = PRESETS[preset]
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+    if not 0 < settings.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {settings.val_fraction}")
+    if settings.augment_copies is not None and settings.augment_copies < 0:
+        raise ValueError(f"--augment-copies must be >= 0, got {settings.augment_copies}")
+    if settings.resolution is not None and (not 16 <= settings.resolution <= 512 or settings.resolution % 8):
+        raise ValueError(f"--resolution must be a multiple of 8 in [16, 512] (the tokenizers downsample 8x), "
+                         f"got {settings.resolution}")
     if extra_overrides:
         settings = dataclasses.replace(settings, train_overrides=[*settings.train_overrides, *extra_overrides])
     load_train_config(settings.train_config, list(settings.train_overrides))  # bad overrides fail now, not in stage 4
