@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("training.demo", "run the whole path on the synthetic shapes data: data, tokenizers, model, eval, report"),
+    "fit": ("training.fit", "train one model for every task of your own image folder: data, tokenizers, model, eval"),
     "data": ("training.data.commands", "make datasets: synthetic shapes shards, or convert an image folder"),
     "train-tokenizer": ("training.tokenizer_commands", "train a modality tokenizer (rgb, depth, semseg, text)"),
     "tokenize": ("training.tokenize_commands", "pre-tokenize raw shards into token shards"),
@@ -67,7 +68,12 @@ def check_counts(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options (`fit DATA --out X optim.max_steps=9`): argparse leaves them over
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

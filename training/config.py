@@ -157,11 +157,13 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     """out_dir: run directory (checkpoints/, model/, metrics.jsonl); every: checkpoint every N steps (0 = only at
-    the end); keep_last: complete checkpoints kept (0 = all)."""
+    the end); keep_last: complete checkpoints kept (0 = all); keep_best: also keep the model of the lowest
+    validation loss (measured every ``logging.eval_every`` steps) in ``out_dir/best_model``."""
 
     out_dir: str = "runs/onemodel"
     every: int = 500
     keep_last: int = 2
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 0:
@@ -286,8 +288,9 @@ def validate_train_config(config: TrainConfig, num_processes: int = 1,
             if name not in provided:
                 raise ValueError(f"{key}.modalities: {name!r} is not provided by the tokenizer bundle "
                                  f"{str(bundle)!r} (it provides {provided})")
-    for name in config.model.max_lengths:
-        if name not in provided:
+    for name, length in config.model.max_lengths.items():
+        # 0 leaves a modality out, so it is absent from `provided`, which already has the overrides applied
+        if name not in provided and not (length == 0 and name in ("caption", "question", "answer", "det")):
             raise ValueError(f"model.max_lengths: {name!r} is not a sequence modality of the tokenizer bundle "
                              f"{str(bundle)!r} (it provides {provided})")
     for key, names in _masking_modality_names(config.masking).items():

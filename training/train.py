@@ -93,8 +93,9 @@ def model_modalities(config: TrainConfig, bundle: Any) -> tuple[Any, ...]:
 
 
 def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: TrainConfig, out_dir: Path,
-                    step: int) -> Path | None:
-    """Write ``out_dir/model`` (config.json + model.safetensors + tokenizers/ + train_config.json) atomically.
+                    step: int, name: str = "model", extra: dict[str, Any] | None = None) -> Path | None:
+    """Write ``out_dir/<name>`` (config.json + model.safetensors + tokenizers/ + train_config.json, which also
+    holds ``extra``) atomically.
 
     Every process must call this (gathering a sharded FSDP state is collective); the main process writes."""
     from accelerate.utils import DistributedType
@@ -110,15 +111,15 @@ def _save_model_dir(accelerator: Any, model: Any, model_config: Any, config: Tra
             to_save.load_state_dict(state)
     else:
         to_save = accelerator.unwrap_model(model)
-    final = out_dir / "model"
+    final = out_dir / name
     if accelerator.is_main_process:
-        tmp = out_dir / "model.tmp"
+        tmp = out_dir / f"{name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
             to_save.save_pretrained(tmp)
             shutil.copytree(config.tokenizers, tmp / "tokenizers")
-            write_json_atomic(tmp / "train_config.json", {"step": step, "config": config.to_dict()})
+            write_json_atomic(tmp / "train_config.json", {"step": step, **(extra or {}), "config": config.to_dict()})
         except Exception as err:  # full disk, ...: nothing half-written is left, one line says what to do
             translated = as_output_error(final, err)  # before the removal frees the space
             shutil.rmtree(tmp, ignore_errors=True)
@@ -313,6 +314,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     # ---- the loop
     n_mod = len(names)
     val_result: dict[str, float] = {}
+    # checkpoint.keep_best: out_dir/best_model holds the model of the lowest validation loss so far
+    best_file = out_dir / "best_model" / "train_config.json"
+    best_val = (float(json.loads(best_file.read_text()).get("val_loss", math.inf))
+                if ckpt_cfg.keep_best and checkpoint is not None and best_file.is_file() else math.inf)
     if val_batches and start_step == 0:
         val_result = _evaluate(accelerator, model, val_batches, names)
         if metrics:
@@ -378,6 +383,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                 metrics.log(done, {"time": time.perf_counter() - t_start, **val_result})
             if show_bar:
                 bar.write(f"step {done}: val/loss {val_result.get('val/loss', float('nan')):.4f}")
+            if ckpt_cfg.keep_best and val_result.get("val/loss", math.inf) < best_val:
+                best_val = val_result["val/loss"]
+                _save_model_dir(accelerator, model, model_config, config, out_dir, done, "best_model",
+                                {"val_loss": best_val})
         if done in (optim.max_steps, end_step) or (ckpt_cfg.every and done % ckpt_cfg.every == 0):
             checkpoint_now(done)
         bar.update(1)
@@ -409,6 +418,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         "grad_accum_steps": accum,
         "out_dir": str(out_dir),
         "model_dir": str(out_dir / "model"),
+        "best_val_loss": best_val if math.isfinite(best_val) else None,
     }
     accelerator.wait_for_everyone()
     accelerator.end_training()

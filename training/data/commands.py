@@ -31,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c = sub.add_parser(
         "convert",
         help="convert an image folder (Hugging Face imagefolder + metadata.jsonl) to shards",
-        description="Convert an image folder with metadata.jsonl (file_name + optional caption/text, qa, "
-        "depth_file, semseg_file, boxes) into webdataset shards + meta.json. Bad rows are skipped and listed.",
+        description="Convert an image folder with metadata.jsonl or metadata.csv (file_name + optional "
+        "caption/text, qa, depth_file, semseg_file, boxes) into webdataset shards + meta.json. Hugging Face split "
+        "folders (IMAGES/train/, IMAGES/validation/, IMAGES/test/) are converted each into OUT/<split> "
+        "(validation -> val), never merged. Bad rows are skipped and listed.",
     )
-    c.add_argument("--images", required=True, help="image folder (with metadata.jsonl)")
+    c.add_argument("--images", required=True, help="image folder (with metadata.jsonl), or one with split folders")
     c.add_argument("--out", required=True, help="output directory for the shards")
     c.add_argument("--resolution", type=int, default=None, help="resize to RxR (shorter side + centre crop)")
     c.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
@@ -81,10 +83,10 @@ def _run_shapes(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from training.data.convert import convert_image_folder
+    from training.data.convert import convert_dataset
 
     start = time.perf_counter()
-    report = convert_image_folder(
+    reports = convert_dataset(
         args.images,
         args.out,
         resolution=args.resolution,
@@ -92,7 +94,10 @@ def _run_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    print(report.summary())
+    for split, report in reports.items():
+        if split != "all":
+            print(f"split {split}:")
+        print(report.summary())
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -16,14 +16,23 @@ Only ``file_name`` is required; every other field is optional, so a sample may c
   Must match the image size.
 - ``boxes``: a list of ``{"box": [x0, y0, x1, y1], "label": str}`` in pixels (x1, y1 exclusive).
 
+``metadata.csv`` works too (one row per image, a ``file_name`` column): ``caption``/``text``, ``depth_file`` and
+``semseg_file`` columns as above; ``question`` + ``answer`` columns give one QA pair, and ``qa`` / ``boxes``
+columns hold the JSON of the fields above. Empty cells are absent fields.
+
 Other fields are ignored. Paths are relative to the folder. Without ``metadata.jsonl`` every image of the folder
 becomes an rgb-only sample. Rows with a missing or unreadable file, wrong types or a depth / semseg map of the
 wrong size are skipped and reported with their line number and reason; a malformed JSON line is reported the
 same way. The conversion fails (``ValueError``) only if no valid sample remains.
+
+``convert_dataset`` takes any layout of ``training.data.layout`` (one folder, or Hugging Face ``train/``,
+``validation/``, ``test/`` split folders): each split folder is converted into ``OUT/<split>`` (``validation`` ->
+``val``), never merged, and ``OUT/meta.json`` describes them all.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -38,7 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from training.data.reader import resize_sample
 from training.data.shards import validate_sample, write_meta, write_shards
 
-__all__ = ["ConversionReport", "convert_image_folder", "IMAGE_EXTENSIONS"]
+__all__ = ["ConversionReport", "convert_image_folder", "convert_dataset", "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +194,34 @@ def _row_to_sample(root: Path, row: Any, used_keys: set[str]) -> dict[str, Any]:
     return sample
 
 
+def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
+    """A metadata.csv row -> the metadata.jsonl row it stands for (JSON cells decoded, empty cells dropped)."""
+    out: dict[str, Any] = {k: v for k, v in row.items() if k and v not in (None, "")}
+    for name in ("qa", "boxes"):
+        if name in out:
+            try:
+                out[name] = json.loads(out[name])
+            except json.JSONDecodeError as err:
+                raise _RowError(f"{name} column must hold JSON ({err.msg})") from err
+    if "question" in out or "answer" in out:
+        if "question" not in out or "answer" not in out:
+            raise _RowError("question and answer columns must be filled together")
+        out.setdefault("qa", []).append({"question": out.pop("question"), "answer": out.pop("answer")})
+    return out
+
+
 def _rows(images_dir: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line_no, parsed row or None, error) per metadata line; image files as rows without metadata."""
     meta = images_dir / "metadata.jsonl"
+    meta_csv = images_dir / "metadata.csv"
+    if meta_csv.is_file() and not meta.is_file():
+        with meta_csv.open(encoding="utf-8", errors="replace", newline="") as f:
+            for line_no, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                try:
+                    yield line_no, _csv_row(row), None
+                except _RowError as err:
+                    yield line_no, None, str(err)
+        return
     if not meta.is_file():
         logger.info("no metadata.jsonl in %s: converting every image as an rgb-only sample", images_dir)
         for path in sorted(images_dir.rglob("*")):
@@ -226,6 +260,13 @@ def convert_image_folder(
     out = Path(out_dir)
     if out.resolve() == root.resolve():
         raise ValueError("out_dir must differ from images_dir")
+    from training.data.layout import detect_layout
+
+    layout = detect_layout(root)
+    if layout.kind != "imagefolder":
+        raise ValueError(f"{root} is a {layout.kind.replace('_', ' ')} dataset (splits: {sorted(layout.splits)}), "
+                         "not one image folder: use convert_dataset (`onemodel data convert`), which converts each "
+                         "split into OUT/<split>")
     report = ConversionReport(out_dir=out)
     used_keys: set[str] = set()
     counts: dict[str, int] = {}
@@ -283,3 +324,47 @@ def convert_image_folder(
         },
     )
     return report
+
+
+def convert_dataset(
+    images_dir: str | Path,
+    out_dir: str | Path,
+    resolution: int | None = None,
+    samples_per_shard: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, ConversionReport]:
+    """Convert a dataset folder in any image-folder layout (see ``training.data.layout``): one folder ->
+    ``out_dir`` (report key ``"all"``); split folders -> ``out_dir/<split>`` each, plus ``out_dir/meta.json`` with
+    the split sizes and the union of the classes. Returns ``{split: ConversionReport}``. Shard layouts are already
+    converted (``ValueError`` saying so); a folder that is no layout gets the expected layouts in its error."""
+    from training.data.layout import detect_layout
+    from training.data.shards import read_meta
+
+    layout = detect_layout(images_dir)
+    if layout.is_shards:
+        raise ValueError(f"{images_dir} already holds webdataset shards (splits: {sorted(layout.splits)}); "
+                         "there is nothing to convert: use it directly")
+    if layout.kind == "imagefolder":
+        return {"all": convert_image_folder(images_dir, out_dir, resolution, samples_per_shard, overwrite, progress)}
+    out = Path(out_dir)
+    reports: dict[str, ConversionReport] = {}
+    for split, folder in layout.splits.items():
+        logger.info("converting split %s (%s) -> %s", split, folder, out / split)
+        reports[split] = convert_image_folder(folder, out / split, resolution, samples_per_shard, overwrite, progress)
+    metas = {split: read_meta(out / split) for split in reports}
+    max_classes = max((len(m.get("semseg_classes", [])) for m in metas.values()), default=0)
+    write_meta(out, {
+        "name": Path(images_dir).resolve().name,
+        "source": str(Path(images_dir).resolve()),
+        "resolution": resolution,
+        "semseg_classes": [str(i) for i in range(max_classes)],
+        "box_classes": sorted({c for m in metas.values() for c in m.get("box_classes", [])}),
+        "splits": {split: r.written for split, r in reports.items()},
+        "num_samples": sum(r.written for r in reports.values()),
+        "modalities": {split: r.modality_counts for split, r in reports.items()},
+        "shards": [f"{split}/{p.name}" for split, r in reports.items() for p in r.shards],
+        "samples_per_shard": samples_per_shard,
+        "complete": True,
+    })
+    return reports
