@@ -56,6 +56,9 @@ class ModelSection:
     aligned_context: bool = True
     learned_positions: bool = False
     tie_embeddings: bool = False
+    # e.g. {rgb: codebook}: embed rgb input tokens through the rgb tokenizer's frozen code vectors (see OneModelConfig)
+    input_embeddings: dict[str, str] = field(default_factory=dict)
+    codebook_dims: dict[str, int] = field(default_factory=dict)  # left empty: read from the tokenizers
     gradient_checkpointing: bool = False  # recompute block activations in backward (training-only, not saved)
     # Not OneModelConfig fields: max tokens (eos included) of each sequence modality, e.g. {caption: 48}; names left
     # out take the longest sequence recorded in the token shards' meta.json (the bundle defaults for raw data).

@@ -68,12 +68,27 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
             continue
         seen.add(id(p))
         leaf = name.rsplit(".", 1)[-1]
-        is_embedding = id(p) in embedding_params or "emb" in leaf or leaf in ("pos_table", "mask_token")
+        is_embedding = id(p) in embedding_params or "emb" in leaf or leaf in ("pos_table", "mask_token", "codes")
         (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def input_codebook_dims(config: TrainConfig, modalities: tuple[Any, ...], bundle: Any) -> dict[str, int]:
+    """``codebook_dims`` of the model: as configured, else the width of each codebook-embedded modality's tokenizer
+    code vectors."""
+    dims = dict(config.model.codebook_dims)
+    by_name = {m.name: m for m in modalities}
+    for name, kind in config.model.input_embeddings.items():
+        if kind.startswith("codebook") and name in by_name and name not in dims:
+            tokenizer = bundle[by_name[name].tokenizer]
+            if not hasattr(tokenizer, "code_vectors"):
+                raise ValueError(f"model.input_embeddings.{name}={kind} needs a VQ tokenizer with code vectors; "
+                                 f"{by_name[name].tokenizer!r} is a {type(tokenizer).__name__}")
+            dims[name] = int(tokenizer.code_vectors().shape[1])
+    return dims
 
 
 def model_modalities(config: TrainConfig, bundle: Any) -> tuple[Any, ...]:
@@ -224,6 +239,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     set_seed(config.seed)
     training_only = ("gradient_checkpointing", "max_lengths")  # ModelSection fields that OneModelConfig lacks
     model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in training_only}
+    model_kwargs["codebook_dims"] = input_codebook_dims(config, modalities, bundle)
     model_config = OneModelConfig(modalities=modalities, **model_kwargs)
 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
@@ -243,6 +259,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     pad = 8 if accelerator.device.type == "cuda" else None
 
     model = OneModel(model_config)
+    for name in model_config.codebook_modalities:  # codebook-embedded inputs: the tokenizer's code vectors
+        model.set_input_codebook(name, bundle[next(m for m in modalities if m.name == name).tokenizer].code_vectors())
     model.gradient_checkpointing = config.model.gradient_checkpointing
     n_params = model.num_params()
     # fused AdamW: one kernel for all parameters (CPU and CUDA, torch >= 2.4)
