@@ -174,3 +174,26 @@ def test_train_fills_the_code_vectors_from_the_tokenizer(tmp_path):
     assert model.config.codebook_dims == {"rgb": codes.shape[1]}
     assert torch.equal(model.input_codebooks["rgb"].codes, codes)
     assert np.isfinite(model.input_table().detach().numpy()).all()
+
+
+def test_heldout_learning_curves_are_logged_and_drawn(tmp_path):
+    """logging.heldout_every scores the model on held-out raw samples during training; the report draws them."""
+    from test_train import build_tiny_pipeline, tiny_config
+
+    from training.evaluation.report import write_report
+    from training.run_log import read_metrics
+    from training.train import train
+
+    root = build_tiny_pipeline()
+    out = tmp_path / "run"
+    train(tiny_config(root, out, "optim.max_steps=4", "logging.heldout_every=2", f"logging.heldout_data={root / 'data'}",
+                      "logging.heldout_limit=4", "logging.heldout_tasks=[vqa, caption, semseg]"))
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "heldout/vqa_accuracy" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert 0.0 <= r["heldout/vqa_accuracy"] <= 1.0 and 0.0 <= r["heldout/semseg_miou"] <= 1.0
+        assert "heldout/caption_attribute_f1" in r
+    page = write_report(tmp_path / "report", {}, {}, out / "metrics.jsonl")
+    assert (tmp_path / "report" / "learning_curves.png").is_file() and "learning_curves.png" in page.read_text()
+    with pytest.raises(ValueError, match="heldout_data"):
+        tiny_config(root, out, "logging.heldout_every=2")

@@ -176,12 +176,25 @@ class LoggingConfig:
     eval_batches: int = 4
     tensorboard: bool = False
     progress_bar: bool = True
+    # Learning curves of the real tasks: every heldout_every steps (0 = never) the model, through the pipeline, is
+    # scored on the first heldout_limit samples of the raw dataset heldout_data/<heldout_split> for heldout_tasks
+    # (names of training.evaluation.evaluate.TASKS); logged as heldout/<task metric> in the metrics log.
+    heldout_every: int = 0
+    heldout_data: str | None = None
+    heldout_split: str = "val"
+    heldout_limit: int = 50
+    heldout_tasks: list[str] = field(default_factory=lambda: ["vqa", "caption"])
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
         if self.eval_every < 0 or self.eval_batches < 0:
             raise ValueError("logging.eval_every and logging.eval_batches must be >= 0")
+        if self.heldout_every < 0 or self.heldout_limit < 1:
+            raise ValueError("logging.heldout_every must be >= 0 and logging.heldout_limit >= 1")
+        if self.heldout_every and not self.heldout_data:
+            raise ValueError("logging.heldout_every needs logging.heldout_data: a raw dataset directory (e.g. the "
+                             "one `onemodel data shapes` wrote), whose heldout_split the held-out evals score")
 
 
 @dataclass

@@ -275,6 +275,7 @@ def _stage_train(settings: DemoSettings, paths: dict[str, Path], key: str, progr
         f"tokenizers={paths['tokenizers']}",
         f"data.sources=[{{path: '{paths['tokens']}'}}]",
         f"checkpoint.out_dir={paths['run']}",
+        f"logging.heldout_data={paths['data']}",  # learning curves (logging.heldout_every) on this demo's val split
         f"seed={settings.seed}",
         *settings.train_overrides,
         *([] if progress else ["logging.progress_bar=false"]),

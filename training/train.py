@@ -297,6 +297,27 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                                     log_cfg.eval_batches, num_processes, accelerator.process_index, pad) \
         if val_sources else []
 
+    heldout = None  # learning curves of the real tasks (logging.heldout_*), on the main process
+    if log_cfg.heldout_every and accelerator.is_main_process:
+        from training.heldout import HeldoutEval
+
+        heldout = HeldoutEval(log_cfg.heldout_data, log_cfg.heldout_split, log_cfg.heldout_limit,
+                              log_cfg.heldout_tasks, bundle)
+
+    def heldout_now(step: int) -> None:
+        nonlocal t_last
+        if heldout is not None:
+            t0 = time.perf_counter()
+            core = accelerator.unwrap_model(model)
+            scores = heldout(core)
+            core.train()
+            if metrics:
+                metrics.log(step, {"time": time.perf_counter() - t_start, **scores})
+            logger.info("step %d held-out (%.1f s): %s", step, time.perf_counter() - t0,
+                        ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in scores.items()))
+            t_last += time.perf_counter() - t0  # tokens/s counts training time only
+        accelerator.wait_for_everyone()
+
     local_tokens = 0  # input + target tokens this process consumed in this run (counted on the CPU batch)
 
     def global_tokens() -> int:
@@ -382,6 +403,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                 metrics.log(done, {"time": time.perf_counter() - t_start, **val_result})
             if show_bar:
                 bar.write(f"step {done}: val/loss {val_result.get('val/loss', float('nan')):.4f}")
+        if log_cfg.heldout_every and (done == optim.max_steps or done % log_cfg.heldout_every == 0):
+            heldout_now(done)
         if done in (optim.max_steps, end_step) or (ckpt_cfg.every and done % ckpt_cfg.every == 0):
             checkpoint_now(done)
         bar.update(1)
