@@ -298,7 +298,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
         if val_sources else []
 
     heldout = None  # learning curves of the real tasks (logging.heldout_*), on the main process
-    if log_cfg.heldout_every and accelerator.is_main_process:
+    if log_cfg.heldout_every and accelerator.is_main_process and not Path(log_cfg.heldout_data).is_dir():
+        logger.warning("logging.heldout_data %r does not exist: no held-out learning curves (point it at a raw "
+                       "dataset directory, or set logging.heldout_every=0)", log_cfg.heldout_data)
+    elif log_cfg.heldout_every and accelerator.is_main_process:
         from training.heldout import HeldoutEval
 
         heldout = HeldoutEval(log_cfg.heldout_data, log_cfg.heldout_split, log_cfg.heldout_limit,
