@@ -486,6 +486,17 @@ class VQTokenizer(nn.Module, ModalityTokenizer):
             q = self.quantizer.get_output_from_indices(ids)  # (B, N, D)
         return q.transpose(1, 2).reshape(b, self.config.latent_dim, g, g)
 
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """(vocab_size, latent_dim) float32: the quantized latent of every token id (what ``embed_ids`` places at a
+        grid slot), in id order; a model can embed its input tokens through these (codebook-embedded inputs)."""
+        ids = torch.arange(self.vocab_size, device=self.device)[None]
+        if self.config.quantizer == "fsq":
+            q = self.quantizer.indices_to_codes(ids)
+        else:
+            q = self.quantizer.get_output_from_indices(ids)
+        return q[0].float().cpu()
+
     def _check_ids(self, ids: Any) -> torch.Tensor:
         if isinstance(ids, np.ndarray):
             ids = torch.from_numpy(ids)

@@ -56,6 +56,9 @@ class ModelSection:
     aligned_context: bool = True
     learned_positions: bool = False
     tie_embeddings: bool = False
+    # e.g. {rgb: codebook}: embed rgb input tokens through the rgb tokenizer's frozen code vectors (see OneModelConfig)
+    input_embeddings: dict[str, str] = field(default_factory=dict)
+    codebook_dims: dict[str, int] = field(default_factory=dict)  # left empty: read from the tokenizers
     gradient_checkpointing: bool = False  # recompute block activations in backward (training-only, not saved)
     # Not OneModelConfig fields: max tokens (eos included) of each sequence modality, e.g. {caption: 48}; names left
     # out take the longest sequence recorded in the token shards' meta.json (the bundle defaults for raw data).
@@ -181,12 +184,25 @@ class LoggingConfig:
     eval_batches: int = 4
     tensorboard: bool = False
     progress_bar: bool = True
+    # Learning curves of the real tasks: every heldout_every steps (0 = never) the model, through the pipeline, is
+    # scored on the first heldout_limit samples of the raw dataset heldout_data/<heldout_split> for heldout_tasks
+    # (names of training.evaluation.evaluate.TASKS); logged as heldout/<task metric> in the metrics log.
+    heldout_every: int = 0
+    heldout_data: str | None = None
+    heldout_split: str = "val"
+    heldout_limit: int = 50
+    heldout_tasks: list[str] = field(default_factory=lambda: ["vqa", "caption"])
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
         if self.eval_every < 0 or self.eval_batches < 0:
             raise ValueError("logging.eval_every and logging.eval_batches must be >= 0")
+        if self.heldout_every < 0 or self.heldout_limit < 1:
+            raise ValueError("logging.heldout_every must be >= 0 and logging.heldout_limit >= 1")
+        if self.heldout_every and not self.heldout_data:
+            raise ValueError("logging.heldout_every needs logging.heldout_data: a raw dataset directory (e.g. the "
+                             "one `onemodel data shapes` wrote), whose heldout_split the held-out evals score")
 
 
 @dataclass

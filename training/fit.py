@@ -448,6 +448,7 @@ def train_overrides(settings: FitSettings, plan: dict[str, Any], paths: dict[str
         *([f"model.max_lengths={json.dumps(absent)}"] if absent and "text" in plan["tokenizers"] else []),
         f"data.sources=[{{path: '{paths['tokens']}'}}]",
         f"checkpoint.out_dir={paths['run']}",
+        f"logging.heldout_data={paths['data']}",  # learning curves (logging.heldout_every) on this data's val split
         f"seed={settings.seed}",
         f"masking.tasks={tasks}",
         *plan["recipe_overrides"],

@@ -68,12 +68,27 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
             continue
         seen.add(id(p))
         leaf = name.rsplit(".", 1)[-1]
-        is_embedding = id(p) in embedding_params or "emb" in leaf or leaf in ("pos_table", "mask_token")
+        is_embedding = id(p) in embedding_params or "emb" in leaf or leaf in ("pos_table", "mask_token", "codes")
         (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def input_codebook_dims(config: TrainConfig, modalities: tuple[Any, ...], bundle: Any) -> dict[str, int]:
+    """``codebook_dims`` of the model: as configured, else the width of each codebook-embedded modality's tokenizer
+    code vectors."""
+    dims = dict(config.model.codebook_dims)
+    by_name = {m.name: m for m in modalities}
+    for name, kind in config.model.input_embeddings.items():
+        if kind.startswith("codebook") and name in by_name and name not in dims:
+            tokenizer = bundle[by_name[name].tokenizer]
+            if not hasattr(tokenizer, "code_vectors"):
+                raise ValueError(f"model.input_embeddings.{name}={kind} needs a VQ tokenizer with code vectors; "
+                                 f"{by_name[name].tokenizer!r} is a {type(tokenizer).__name__}")
+            dims[name] = int(tokenizer.code_vectors().shape[1])
+    return dims
 
 
 def model_modalities(config: TrainConfig, bundle: Any) -> tuple[Any, ...]:
@@ -237,6 +252,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     set_seed(config.seed)
     training_only = ("gradient_checkpointing", "max_lengths")  # ModelSection fields that OneModelConfig lacks
     model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in training_only}
+    model_kwargs["codebook_dims"] = input_codebook_dims(config, modalities, bundle)
     model_config = OneModelConfig(modalities=modalities, **model_kwargs)
 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
@@ -257,6 +273,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     pad = 8 if accelerator.device.type == "cuda" else None
 
     model = OneModel(model_config)
+    for name in model_config.codebook_modalities:  # codebook-embedded inputs: the tokenizer's code vectors
+        model.set_input_codebook(name, bundle[next(m for m in modalities if m.name == name).tokenizer].code_vectors())
     model.gradient_checkpointing = config.model.gradient_checkpointing
     n_params = model.num_params()
     # fused AdamW: one kernel for all parameters (CPU and CUDA, torch >= 2.4)
@@ -293,6 +311,30 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     val_batches = build_val_batches(val_sources, modalities, config.masking, text_ids, data_cfg.seed, micro,
                                     log_cfg.eval_batches * optim.batch_size, num_processes,
                                     accelerator.process_index, pad) if val_sources else []
+
+    heldout = None  # learning curves of the real tasks (logging.heldout_*), on the main process
+    if log_cfg.heldout_every and accelerator.is_main_process and not Path(log_cfg.heldout_data).is_dir():
+        logger.warning("logging.heldout_data %r does not exist: no held-out learning curves (point it at a raw "
+                       "dataset directory, or set logging.heldout_every=0)", log_cfg.heldout_data)
+    elif log_cfg.heldout_every and accelerator.is_main_process:
+        from training.heldout import HeldoutEval
+
+        heldout = HeldoutEval(log_cfg.heldout_data, log_cfg.heldout_split, log_cfg.heldout_limit,
+                              log_cfg.heldout_tasks, bundle)
+
+    def heldout_now(step: int) -> None:
+        nonlocal t_last
+        if heldout is not None:
+            t0 = time.perf_counter()
+            core = accelerator.unwrap_model(model)
+            scores = heldout(core)
+            core.train()
+            if metrics:
+                metrics.log(step, {"time": time.perf_counter() - t_start, **scores})
+            logger.info("step %d held-out (%.1f s): %s", step, time.perf_counter() - t0,
+                        ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in scores.items()))
+            t_last += time.perf_counter() - t0  # tokens/s counts training time only
+        accelerator.wait_for_everyone()
 
     local_tokens = 0  # input + target tokens this process consumed in this run (counted on the CPU batch)
 
@@ -387,6 +429,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
                 best_val = val_result["val/loss"]
                 _save_model_dir(accelerator, model, model_config, config, out_dir, done, "best_model",
                                 {"val_loss": best_val})
+        if log_cfg.heldout_every and (done == optim.max_steps or done % log_cfg.heldout_every == 0):
+            heldout_now(done)
         if done in (optim.max_steps, end_step) or (ckpt_cfg.every and done % ckpt_cfg.every == 0):
             checkpoint_now(done)
         bar.update(1)

@@ -31,6 +31,7 @@ __all__ = [
     "example_grid",
     "line_chart",
     "training_curves",
+    "learning_curves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -380,6 +381,9 @@ def _chart_groups(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for k in names:
         parts = k.split("/")
+        if parts[0] == "heldout":  # the learning curves of the real tasks, on one chart
+            groups.setdefault("held-out task metrics", []).append(k)
+            continue
         if len(parts) >= 3:
             group = f"{'/'.join(parts[:2])} per {'modality' if parts[1] == 'loss' else 'part'}"
         elif len(parts) == 2:
@@ -411,6 +415,19 @@ def training_curves(records: Sequence[dict[str, Any]], columns: int = 2) -> Imag
     for k, c in enumerate(charts):
         canvas.paste(c, ((k % ncol) * cw, (k // ncol) * ch))
     return canvas
+
+
+def learning_curves(records: Sequence[dict[str, Any]]) -> Image.Image | None:
+    """One chart of the held-out task metrics (``heldout/<metric>`` series) against step; None when the log has
+    none."""
+    series = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("heldout/") and isinstance(v, (int, float)) and "step" in r:
+                xs, ys = series.setdefault(k.split("/", 1)[1], ([], []))
+                xs.append(r["step"])
+                ys.append(v)
+    return line_chart(series, title="held-out task metrics vs training step", log_y=False) if series else None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -550,6 +567,14 @@ def write_report(
         for heading, name in (images or {}).items():
             parts.append(f"<h2>{html.escape(heading)}</h2>")
             parts.append(f"<img src='{html.escape(name)}' alt='{html.escape(heading)}'>")
+        if metrics_log is not None and Path(metrics_log).is_file():
+            curves = learning_curves(read_metrics(metrics_log))
+            if curves is not None:
+                save_image(stage / "learning_curves.png", curves)
+                parts.append("<h2 id='learning-curves'>Learning curves</h2>")
+                parts.append("<p>Task metrics on held-out samples during training "
+                             "(<code>logging.heldout_every</code>).</p>")
+                parts.append("<img src='learning_curves.png' alt='held-out task metrics against training step'>")
         parts.append("<h2 id='curves'>Training curves</h2>")
         if metrics_log is not None and Path(metrics_log).is_file() and read_metrics(metrics_log):
             try:
