@@ -140,16 +140,20 @@ class ContrastiveBackbone(VisionBackbone):
         except ImportError as err:  # pragma: no cover - only in checkouts without the contrastive encoder
             raise ValueError("vision.kind='contrastive' needs onemodel.contrastive (the contrastive encoder)") from err
         self.encoder = ImageTextEncoder.from_pretrained(path)
-        probe = self.encoder
-        size = getattr(probe, "image_size", None)
-        self.image_size = int(image_size or size)
+        cfg = self.encoder.config
+        if image_size is not None and image_size != cfg.image_size:
+            raise ValueError(f"the contrastive encoder in {str(path)!r} works at {cfg.image_size} px, not "
+                             f"vision.image_size={image_size}")
+        self.image_size = int(cfg.image_size)
+        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             feats = self._features(torch.zeros(1, 3, self.image_size, self.image_size))
         self.num_patches, self.feature_dim = int(feats.shape[1]), int(feats.shape[2])
         self.freeze()
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.image_patch_features(pixels)
+        return self.encoder.image_patch_features((pixels - self.mean) / self.std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self.check_pixels(pixels)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -146,8 +146,10 @@ def _decoder_layers(lm: nn.Module) -> nn.ModuleList:
 def _resolve(path: str, base: Path | None) -> str:
     """A backbone path as saved: relative paths are tried against the model directory first."""
     p = Path(path)
-    if not p.is_absolute() and base is not None and (base / p).exists():
-        return str(base / p)
+    if not p.is_absolute() and base is not None:
+        joined = Path(os.path.normpath(base / p))
+        if joined.exists():
+            return str(joined)
     return str(p)
 
 
