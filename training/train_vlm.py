@@ -166,7 +166,7 @@ def train_stage(model: Any, images: np.ndarray, items: list[tuple[int, str, str]
         optimizer.zero_grad(set_to_none=True)
         loop_time += time.perf_counter() - ts
         samples += stage.batch_size
-        loss_val = float(out.loss)
+        loss_val = out.loss.item()
         done = step + 1
         if done % stage.log_every == 0 or done == stage.steps:
             metrics.log(done, {"time": time.perf_counter() - t0, "lr": lr, "train/loss": loss_val,

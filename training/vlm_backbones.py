@@ -95,7 +95,7 @@ def pretrain_lm(texts: list[str], out_dir: str | Path, dim: int = 192, layers: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss_val = float(loss)
+        loss_val = loss.item()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -148,7 +148,7 @@ def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path
         loss.backward()
         torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
         opt.step()
-        loss_val = float(loss)
+        loss_val = loss.item()
     enc.eval()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():

@@ -28,7 +28,7 @@ class VLMData:
     ``qa``); when it has none, a shapes dataset of ``num_train`` / ``num_test`` scenes is generated there.
     ``limit_train``: use only the first N training scenes (null = all)."""
 
-    path: str = "data/vlm_shapes"
+    path: str = "runs/vlm_shapes_data"
     num_train: int = 4000
     num_test: int = 500
     resolution: int = 64
