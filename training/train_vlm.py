@@ -1,6 +1,7 @@
 """Train a VLM (frozen vision encoder + trained mapper + frozen causal LM) in two stages, on ``accelerate``.
 
     onemodel train-vlm --config configs/vlm_shapes.yaml [model.mapper.kind=summary ...] [--resume]
+    onemodel train-vlm --quick          # every stage at tiny sizes (about a minute): checks the whole path
 
 What runs, top to bottom (each step cached in ``out_dir`` and skipped when already complete):
 
@@ -358,16 +359,25 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML/JSON VLM config (e.g. configs/vlm_shapes.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir (completed steps are kept)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny preset (small data, backbones and stages; about a minute): checks the whole path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. model.mapper.kind=summary model.mapper.num_tokens=4")
+
+
+# --quick: every stage runs, at sizes that only check the plumbing (the numbers mean nothing)
+QUICK = ["out_dir=runs/vlm_quick", "data.path=runs/vlm_quick_data", "data.num_train=300", "data.num_test=40",
+         "eval.limit=20", "lm.dim=64", "lm.layers=2", "lm.steps=40", "vision.width=64", "vision.layers=2",
+         "vision.steps=20", "vision.batch_size=32", "stage1.steps=10", "stage2.steps=10", "stage1.log_every=5",
+         "stage2.log_every=5"]
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    config = load_vlm_train_config(args.config, args.overrides)
+    config = load_vlm_train_config(args.config, (QUICK if args.quick else []) + list(args.overrides))
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0

@@ -45,11 +45,11 @@ class LMSection:
     from config, on the dataset's captions, questions and answers) into ``out_dir/lm``."""
 
     path: Optional[str] = None
-    dim: int = 192
-    layers: int = 4
+    dim: int = 128
+    layers: int = 3
     heads: int = 4
     vocab_size: int = 512
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 32
     lr: float = 3e-3
 
@@ -64,16 +64,16 @@ class VisionSection:
     image_size: Optional[int] = None
     patch_size: int = 8
     # pre-training of the demo encoder (path: null)
-    width: int = 128
-    layers: int = 4
-    steps: int = 800
-    batch_size: int = 64
+    width: int = 64
+    layers: int = 3
+    steps: int = 300
+    batch_size: int = 48
     lr: float = 2e-3
 
 
 @dataclass
 class VLMModelSection:
-    mapper: MapperConfig = field(default_factory=MapperConfig)
+    mapper: MapperConfig = field(default_factory=lambda: MapperConfig(kind="summary", num_tokens=4))
     injection: Literal["prefix", "xattn"] = "prefix"
     xattn_every: int = 1
     xattn_heads: int = 4
@@ -123,7 +123,7 @@ class VLMTrainConfig:
     lm: LMSection = field(default_factory=LMSection)
     vision: VisionSection = field(default_factory=VisionSection)
     model: VLMModelSection = field(default_factory=VLMModelSection)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=1e-3))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-3))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=400, lr=1e-3, caption_fraction=0.2))
     eval: VLMEvalConfig = field(default_factory=VLMEvalConfig)
 
