@@ -68,6 +68,20 @@ class _Mapper(nn.Module):
     def num_tokens(self, num_patches: int) -> int:
         raise NotImplementedError
 
+    def output_layer(self) -> nn.Linear:
+        """The last linear layer (its output is the visual tokens)."""
+        raise NotImplementedError
+
+    def init_output_scale(self, std: float) -> None:
+        """Start the visual tokens at the LM's embedding scale: the last layer's weights drawn with standard
+        deviation ``std / sqrt(fan_in)`` (unit-variance inputs then give tokens of std ``std``), bias 0. Without
+        it the tokens start ~10x larger than the word embeddings and the frozen LM learns to ignore them."""
+        layer = self.output_layer()
+        with torch.no_grad():
+            layer.weight.normal_(0.0, std / layer.in_features ** 0.5)
+            if layer.bias is not None:
+                layer.bias.zero_()
+
 
 class MLPMapper(_Mapper):
     """LLaVA-1.5: Linear(Dv, Dlm) -> GELU -> Linear(Dlm, Dlm) on every patch."""
@@ -79,6 +93,9 @@ class MLPMapper(_Mapper):
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
+
+    def output_layer(self) -> nn.Linear:
+        return self.net[2]
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, P, Dlm)
         self.check(feats)
@@ -94,6 +111,9 @@ class PatchMapper(_Mapper):
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
+
+    def output_layer(self) -> nn.Linear:
+        return self.proj
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         self.check(feats)
@@ -133,6 +153,9 @@ class SummaryMapper(_Mapper):
     def num_tokens(self, num_patches: int) -> int:
         return self.k
 
+    def output_layer(self) -> nn.Linear:
+        return self.out[1]
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, K, Dlm)
         self.check(feats)
         x = self.inp(feats)
@@ -156,6 +179,9 @@ class PerceiverMapper(_Mapper):
 
     def num_tokens(self, num_patches: int) -> int:
         return self.n
+
+    def output_layer(self) -> nn.Linear:
+        return self.out[1]
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         self.check(feats)
@@ -198,6 +224,9 @@ class QFormerMapper(_Mapper):
     def num_tokens(self, num_patches: int) -> int:
         return self.n
 
+    def output_layer(self) -> nn.Linear:
+        return self.out[1]
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         self.check(feats)
         x = self.inp(feats)
@@ -211,12 +240,16 @@ _CLASSES = {"mlp": MLPMapper, "perceiver": PerceiverMapper, "qformer": QFormerMa
             "patches": PatchMapper}
 
 
-def build_mapper(config: MapperConfig, in_dim: int, out_dim: int) -> _Mapper:
-    """The mapper ``config`` names, from vision width ``in_dim`` to LM width ``out_dim``."""
+def build_mapper(config: MapperConfig, in_dim: int, out_dim: int, out_std: float | None = None) -> _Mapper:
+    """The mapper ``config`` names, from vision width ``in_dim`` to LM width ``out_dim``; ``out_std``: the LM's
+    embedding scale to start the visual tokens at (see ``init_output_scale``)."""
     if not isinstance(config, MapperConfig):
         raise TypeError(f"build_mapper needs a MapperConfig, got {type(config).__name__}")
     width = config.width or out_dim
     if config.kind in ("perceiver", "qformer", "summary") and width % config.heads:
         raise ValueError(f"the {config.kind} mapper's width {width} is not a multiple of mapper.heads "
                          f"{config.heads}; set mapper.width or mapper.heads")
-    return _CLASSES[config.kind](in_dim, out_dim, config)
+    mapper = _CLASSES[config.kind](in_dim, out_dim, config)
+    if out_std is not None:
+        mapper.init_output_scale(out_std)
+    return mapper

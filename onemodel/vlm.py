@@ -181,8 +181,9 @@ class VLM(nn.Module):
         vision_spec = VisionSpec(**{**config.vision.to_dict(), "path": _resolve(config.vision.path, base)
                                     if config.vision.path else None})
         self.vision = load_vision_backbone(vision_spec)
-        dim = lm.get_input_embeddings().embedding_dim
-        self.mapper = build_mapper(config.mapper, self.vision.feature_dim, dim)
+        emb = lm.get_input_embeddings()
+        dim = emb.embedding_dim
+        self.mapper = build_mapper(config.mapper, self.vision.feature_dim, dim, out_std=float(emb.weight.std()))
         self.xattn = None
         self._visual: torch.Tensor | None = None  # the visual tokens the gated layers attend to (xattn)
         if config.injection == "xattn":

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/vlm_shapes.yaml", help="stage settings (default: the demo's)")
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS), help="variants to run")
     p.add_argument("--table", action="store_true", help="print the markdown table of all finished variants")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides for every variant")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every variant (repeatable), e.g. --set stage2.steps=600")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
