@@ -34,6 +34,8 @@ class VLMPipeline:
 
     #: the modalities a VLM reads and writes (``training.evaluation`` uses this to pick tasks)
     modalities = ("rgb", "caption", "question", "answer")
+    #: the evaluation tasks it can do (``training.evaluation.evaluate.available_tasks``)
+    tasks = ("caption", "vqa")
     tokenizers = None
 
     def __init__(self, model: Any, device: str | torch.device | None = None) -> None:

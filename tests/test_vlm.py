@@ -82,8 +82,8 @@ def test_each_mapper_overfits_one_batch(backbones, kind, injection):
     pixels = _pixels()
     prompts, targets = ["<image> caption:"] * 2, ["red", "blue"]
     first = model(pixels, prompts, targets).loss.item()
-    last = _train(model, pixels, prompts, targets, steps=60, lr=2e-2)
-    assert last < 0.2 * first, (first, last)
+    last = _train(model, pixels, prompts, targets, steps=80, lr=2e-2)
+    assert last < 0.25 * first, (first, last)
     assert model.generate(pixels, prompts, max_new_tokens=1) == targets  # the image decides the word
 
 
@@ -207,6 +207,10 @@ def test_pipeline_api_and_run_dir(backbones, tmp_path):
     assert isinstance(pipe.caption(img), str)
     assert len(pipe.caption([img, img])) == 2
     assert len(pipe.answer(img, ["what color is the circle?", "what shape is the red object?"])) == 2
+    from training.data.shapes import generate_sample
+    from training.evaluation.evaluate import available_tasks
+
+    assert available_tasks(pipe, [generate_sample(0)]) == ["caption", "vqa"]  # what `onemodel eval` scores
     with pytest.raises(ValueError, match="not an option of a VLM"):
         pipe.caption(img, steps=8)
     with pytest.raises(ValueError, match="empty"):

@@ -330,17 +330,17 @@ def _without_lora(model: Any) -> Any:
 
 
 def evaluate_vlm(model_dir: str | Path, samples: list[dict], batch_size: int = 32) -> dict[str, Any]:
-    """VQA accuracy and caption scores (CIDEr, attribute F1) of a saved VLM on raw samples; writes
-    ``model_dir/../eval/results.json``."""
+    """VQA accuracy and caption scores (CIDEr, attribute F1) of a saved VLM on raw samples; writes the evaluation
+    report (``results.json``, ``report.html``, example pictures) to ``model_dir/../eval``."""
     from onemodel.vlm_pipeline import VLMPipeline
-    from training.checkpointing import write_json_atomic
     from training.evaluation.evaluate import evaluate_samples
 
+    from training.evaluation.report import write_report
+
     pipe = VLMPipeline.from_pretrained(model_dir)
-    ev = evaluate_samples(pipe, samples, ["caption", "vqa"], batch_size=batch_size, progress=False)
+    ev = evaluate_samples(pipe, samples, ["caption", "vqa"], batch_size=batch_size, num_examples=6, progress=False)
     out = Path(model_dir).parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", ev.results)
+    write_report(out, ev.results, ev.examples, None, title=f"VLM evaluation: {model_dir}")
     return ev.results
 
 
