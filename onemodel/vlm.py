@@ -193,7 +193,11 @@ class VLM(nn.Module):
             for i in picked:
                 layers[i].register_forward_pre_hook(self._make_hook(str(i)), with_kwargs=True)
         if config.lora is not None:
-            from peft import LoraConfig, get_peft_model
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ValueError("model.lora needs the peft package: pip install 'onemodel[vlm]' (or pip install "
+                                 "peft), or set lora to null") from None
 
             lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                               target_modules=config.lora.target_modules)

@@ -131,6 +131,7 @@ def test_frozen_parameters_unchanged_after_training_and_have_no_optimizer_state(
 
 
 def test_lora_adapters_save_load_merge_equal_outputs(backbones, tmp_path):
+    pytest.importorskip("peft")
     model = _vlm(backbones, "summary", lora=LoraSpec(r=4, alpha=8))
     trained = model.trained_parameters()
     assert any("lora_" in n for n in trained) and any(n.startswith("mapper.") for n in trained)
@@ -219,6 +220,7 @@ def test_pipeline_api_and_run_dir(backbones, tmp_path):
 
 def test_train_vlm_two_stages_end_to_end(backbones, tmp_path):
     """Stage 1 (mapper) -> stage 2 (mapper + LoRA) -> model dir with only trained tensors -> eval; resume."""
+    pytest.importorskip("peft")
     from safetensors.torch import load_file
 
     from onemodel.pipeline import OneModelPipeline
