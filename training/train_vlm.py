@@ -1,7 +1,7 @@
 """Train a VLM (frozen vision encoder + trained mapper + frozen causal LM) in two stages, on ``accelerate``.
 
     onemodel train-vlm --config configs/vlm_shapes.yaml [model.mapper.kind=summary ...] [--resume]
-    onemodel train-vlm --quick          # every stage at tiny sizes (about a minute): checks the whole path
+    onemodel train-vlm --quick          # every stage at tiny sizes (~16 s of CPU time): checks the whole path
 
 What runs, top to bottom (each step cached in ``out_dir`` and skipped when already complete):
 
@@ -360,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML/JSON VLM config (e.g. configs/vlm_shapes.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir (completed steps are kept)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny preset (small data, backbones and stages; about a minute): checks the whole path")
+                        help="tiny preset (small data, backbones and stages; ~16 s of CPU time): checks the whole path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. model.mapper.kind=summary model.mapper.num_tokens=4")
