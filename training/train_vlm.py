@@ -47,12 +47,14 @@ __all__ = ["train_vlm", "train_stage", "backbone_fingerprint", "add_arguments", 
 
 def backbone_fingerprint(model: Any) -> str:
     """SHA-256 over every frozen tensor of ``model`` (name, shape, bytes): equal iff bit-identical."""
+    import torch
+
     h = hashlib.sha256()
     for name, p in sorted(model.backbone_parameters().items()):
         t = p.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
