@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("training.tokenize_commands", "pre-tokenize raw shards into token shards"),
     "train": ("training.train", "train one model on all tasks from a config"),
     "train-clip": ("training.train_clip", "train a contrastive image-text encoder (CLIP / SigLIP) from a config"),
+    "train-vlm": ("training.train_vlm", "train a VLM: frozen vision encoder + mapper + frozen causal LM (2 stages)"),
     "generate": ("onemodel.generate_commands", "any-to-any generation from a trained model"),
     "caption": ("onemodel.generate_commands", "caption images"),
     "answer": ("onemodel.generate_commands", "answer a question about an image"),

@@ -101,13 +101,19 @@ class OneModelPipeline:
     ) -> "OneModelPipeline":
         """Load from a training run directory (``out_dir`` of ``onemodel train``) or its ``model/`` directory.
 
-        The model directory holds ``config.json`` + ``model.safetensors`` and a ``tokenizers/`` bundle; a model
+        A VLM run (``onemodel train-vlm``) gives a ``onemodel.vlm_pipeline.VLMPipeline`` with the same ``caption`` /
+        ``answer`` methods. The model directory holds ``config.json`` + ``model.safetensors`` and a ``tokenizers/`` bundle; a model
         directory without ``tokenizers/`` raises ``ValueError`` unless ``tokenizers`` (a ``TokenizerBundle`` or the
         path of one) is passed.
         """
         from onemodel.model import OneModel
+        from onemodel.vlm import is_vlm_dir
         from tokenizers_mm.bundle import TokenizerBundle
 
+        if is_vlm_dir(path):  # a vision-encoder + language-model run: same methods, see onemodel.vlm_pipeline
+            from onemodel.vlm_pipeline import VLMPipeline
+
+            return VLMPipeline.from_pretrained(path, device=device)
         model_dir = _find_model_dir(Path(path))
         if tokenizers is None:
             tok_dir = model_dir / "tokenizers"

@@ -4,7 +4,8 @@ The pipeline is anything with the task methods of ``onemodel.pipeline.OneModelPi
 and returns a list): ``caption(images)``, ``answer(images, questions)``, ``depth(images)`` (metres),
 ``segment(images)`` (class ids), ``detect(images)`` (``[{"box", "label", "score"}]`` per image),
 ``text_to_image(prompts)`` (PIL images or uint8 arrays), and optionally ``tokenizers`` (a
-``TokenizerBundle``) and ``modalities`` (names the model knows; tasks it cannot do are skipped).
+``TokenizerBundle``), ``modalities`` (names the model knows; tasks it cannot do are skipped) and ``tasks`` (the
+task names it can do, e.g. a VLM's ``("caption", "vqa")``).
 
     from onemodel.pipeline import OneModelPipeline
     from training.evaluation.evaluate import evaluate
@@ -72,8 +73,11 @@ def _has_tokenizers(pipeline: Any) -> bool:
 def available_tasks(pipeline: Any, samples: Sequence[dict[str, Any]]) -> list[str]:
     """The tasks of :data:`TASKS` that the samples carry ground truth for and the pipeline can do."""
     model_mods = getattr(pipeline, "modalities", None)
+    supported = getattr(pipeline, "tasks", None)  # a pipeline may name its tasks (a VLM: caption, vqa)
     out = []
     for task in TASKS:
+        if supported is not None and task not in supported:
+            continue
         if task == "tokenizers":
             if _has_tokenizers(pipeline):
                 out.append(task)
