@@ -63,6 +63,7 @@ __all__ = [
     "check_output_file",
     "atomic_file",
     "atomic_directory",
+    "fsync_dir",
     "write_bytes",
     "write_text",
     "write_json",
@@ -223,7 +224,8 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: a rename in it survives a crash); a no-op where directories cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -326,7 +328,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as err:
         full = isinstance(err, OSError) and is_disk_full(path.parent)
         _remove(tmp)
@@ -404,8 +406,8 @@ def _commit_directory(staging: Path, path: Path, mode: str) -> None:
                     _remove(final)
                 os.replace(entry, final)
         staging.rmdir()
-    _fsync_dir(path.parent)
-    _fsync_dir(path)
+    fsync_dir(path.parent)
+    fsync_dir(path)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tokenizers_mm.io_atomic import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -108,7 +110,7 @@ def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
         if keep_last > 0:
             for _, old in list_checkpoints(checkpoint_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -143,19 +145,6 @@ def replace_dir_atomic(tmp: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
