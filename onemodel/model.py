@@ -81,7 +81,8 @@ class OneModelConfig:
         own code vectors, frozen, through a learned linear projection) or "codebook_trainable" (the same, the code
         vectors fine-tuned too). Only for grid modalities. Measured on a small-data image classifier: VQ ids
         through a table learned from scratch 0.73 held-out accuracy (over-fits), through the frozen codebook +
-        a linear map 0.98 (docs/recipe.md). Targets (the heads) are unchanged.
+        a linear map 0.98 (issue 12); on the shapes demo it gains nothing and the rgb loss is worse, since the
+        8x8 tokens there lose objects before any embedding (docs/recipe.md). Targets (the heads) are unchanged.
     codebook_dims: width of the code vectors of each codebook-embedded modality (filled from the tokenizer by
         ``onemodel train``; the vectors are saved with the model, ``set_input_codebook`` loads them).
     """
