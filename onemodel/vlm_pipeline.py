@@ -74,12 +74,14 @@ class VLMPipeline:
 
     def _generate(self, images: list[Any], prompts: list[str], batch_size: int = 16, max_length: int | None = None,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                  progress: bool = False, **kwargs: Any) -> list[str]:
+                  progress: bool = False, truncate: bool = False, **kwargs: Any) -> list[str]:
+        # truncate: accepted for parity with OneModelPipeline (onemodel eval passes it); a VLM prompt has no
+        # per-modality max_length to cut to (the LM's context is the only limit), so it changes nothing here
         bad = [k for k in kwargs if k in _NOT_FOR_VLM and kwargs[k] is not None]
         unknown = [k for k in kwargs if k not in _NOT_FOR_VLM]
         if bad or unknown:
             raise ValueError(f"{', '.join(bad + unknown)}: not an option of a VLM pipeline (it takes max_length, "
-                             "temperature, top_k, top_p, seed, batch_size)")
+                             "temperature, top_k, top_p, seed, batch_size, truncate)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed is not None:
