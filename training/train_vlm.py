@@ -396,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
           f"  onemodel caption IMAGE.png --model {m}\n"
           f"  onemodel answer IMAGE.png --question 'what color is the circle?' --model {m}\n"
           f"  onemodel eval --model {m} --data {config.data.path} --tasks caption vqa\n"
+          f"  onemodel serve --model {m}                # web demo: Caption and Ask tabs (pip install -e '.[web]')\n"
           f"  python -c \"from onemodel.pipeline import OneModelPipeline; p = OneModelPipeline.from_pretrained("
           f"'{m}'); print(p.caption('IMAGE.png'))\"")
     return 0
