@@ -504,21 +504,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m training.train`` / ``accelerate launch -m training.train``."""
-    parser = argparse.ArgumentParser(prog="training.train", description="train one model on all tasks")
+def module_main(prog: str, description: str, add_args: Any, run_args: Any, argv: list[str] | None = None) -> int:
+    """The ``python -m`` / ``accelerate launch -m`` entry of a training command: parse ``argv`` with ``add_args``,
+    set up logging (``-v``: debug), call ``run_args(args)``; a user error is one line on stderr and exit code 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_arguments(parser)
+    add_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return run(args)
+        return run_args(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         if args.verbose:
             raise
-        print(f"training.train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m training.train`` / ``accelerate launch -m training.train``."""
+    return module_main("training.train", "train one model on all tasks", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

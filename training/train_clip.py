@@ -458,20 +458,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.train_clip`` / ``accelerate launch -m training.train_clip``."""
-    parser = argparse.ArgumentParser(prog="training.train_clip", description="train a contrastive image-text encoder")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        if args.verbose:
-            raise
-        print(f"training.train_clip: error: {err}", file=sys.stderr)
-        return 2
+    from training.train import module_main
 
+    return module_main("training.train_clip", "train a contrastive image-text encoder", add_arguments, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())
