@@ -8,6 +8,13 @@ Two types:
 - ``MultimodalBatch``: B samples padded to the longest one: ``(B, Ni)`` / ``(B, Nt)`` long tensors plus
   ``enc_mask`` / ``dec_mask`` (bool, True = real token, False = padding). Built by ``collate``.
 
+Continuous inputs (pixel patches, DESIGN.md §8): ``MaskedSample.values`` maps a modality embedded from values
+(``OneModelConfig.input_embeddings = {name: "pixels"}``) to its full grid of patch rows ``(N, F)``, where row p holds
+the patch at grid position p; the model reads the rows at the positions of the sample's input slots of that
+modality. ``MultimodalBatch.enc_values[name]`` stacks them ``(B, N, F)`` (zeros for samples without values) and
+``enc_values_mask[name]`` ``(B,)`` says which samples have them; a sample without values embeds that modality's
+input slots from their token ids (e.g. the decoded-so-far tokens of MaskGIT).
+
 Field meanings: ``*_ids`` token id (for targets: the label), ``*_mod`` modality index (position of the
 modality in the model config's modality list), ``*_pos`` position inside the modality (grid: row * grid_size
 + col; sequence: index in the sequence). Padding slots hold id 0, modality 0, position 0 and mask False.
@@ -17,14 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from onemodel.modalities import Modality
 
-__all__ = ["MaskedSample", "MultimodalBatch", "collate"]
+__all__ = ["MaskedSample", "MultimodalBatch", "collate", "collate_values"]
 
 _ENC = ("enc_ids", "enc_mod", "enc_pos")
 _DEC = ("dec_ids", "dec_mod", "dec_pos")
@@ -69,12 +76,27 @@ def _check_tokens(
         )
 
 
+def _check_values(values, where: str, rows: int | None) -> None:
+    """values: name -> float tensor, (N, F) per sample (rows None) or (B, N, F) per batch (rows = B)."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{where} must be a dict modality name -> float tensor, got {type(values).__name__}")
+    dims = 2 if rows is None else 3
+    for name, t in values.items():
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{where}[{name!r}] must be a float tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dim() != dims or (rows is not None and t.shape[0] != rows):
+            want = "(N, F)" if rows is None else f"({rows}, N, F)"
+            raise ValueError(f"{where}[{name!r}] must have shape {want}, got {tuple(t.shape)}")
+
+
 @dataclass
 class MaskedSample:
     """One sample's encoder inputs and decoder targets, unpadded (all 1-D long tensors).
 
     enc_ids, enc_mod, enc_pos: (Ni,) input token ids, modality indices, positions.
     dec_ids, dec_mod, dec_pos: (Nt,) target token ids (labels), modality indices, positions.
+    values: modality name -> (N, F) float patch rows of its whole grid (module docstring); empty for token inputs.
     Tokens are grouped by modality in modality-list order. Sequence targets of one modality are contiguous
     with dec_pos 0..L-1.
     """
@@ -85,8 +107,10 @@ class MaskedSample:
     dec_ids: torch.Tensor
     dec_mod: torch.Tensor
     dec_pos: torch.Tensor
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_values(self.values, "MaskedSample.values", rows=None)
         for group in (_ENC, _DEC):
             shapes = set()
             for name in group:
@@ -129,6 +153,8 @@ class MultimodalBatch:
 
     enc_ids, enc_mod, enc_pos: (B, Ni) long; enc_mask: (B, Ni) bool, True = real input token.
     dec_ids, dec_mod, dec_pos: (B, Nt) long; dec_mask: (B, Nt) bool, True = real target token.
+    enc_values: modality name -> (B, N, F) float patch rows (module docstring); enc_values_mask: name -> (B,) bool,
+    True = the sample has values for that modality.
     """
 
     enc_ids: torch.Tensor
@@ -139,6 +165,8 @@ class MultimodalBatch:
     dec_mod: torch.Tensor
     dec_pos: torch.Tensor
     dec_mask: torch.Tensor
+    enc_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    enc_values_mask: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -159,7 +187,10 @@ class MultimodalBatch:
         return self.enc_ids.device
 
     def _map(self, fn) -> MultimodalBatch:
-        return MultimodalBatch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        def apply(value):
+            return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
+
+        return MultimodalBatch(**{f.name: apply(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MultimodalBatch:
         """A copy on ``device`` (dtypes unchanged: ids stay long, masks stay bool)."""
@@ -189,7 +220,15 @@ class MultimodalBatch:
                 f"MultimodalBatch: encoder batch size {self.enc_ids.shape[0]} != "
                 f"decoder batch size {self.dec_ids.shape[0]}"
             )
-        devices = {getattr(self, f.name).device for f in dataclasses.fields(self)}
+        _check_values(self.enc_values, "MultimodalBatch.enc_values", rows=self.enc_ids.shape[0])
+        if set(self.enc_values) != set(self.enc_values_mask):
+            raise ValueError("MultimodalBatch.enc_values and enc_values_mask must name the same modalities")
+        for name, t in self.enc_values_mask.items():
+            if t.dtype != torch.bool or tuple(t.shape) != (self.enc_ids.shape[0],):
+                raise ValueError(f"MultimodalBatch.enc_values_mask[{name!r}] must be a (B,) bool tensor")
+        tensors = [getattr(self, n) for n in _ENC + _DEC + ("enc_mask", "dec_mask")]
+        tensors += list(self.enc_values.values()) + list(self.enc_values_mask.values())
+        devices = {t.device for t in tensors}
         if len(devices) != 1:
             raise ValueError(f"MultimodalBatch tensors are on several devices: {sorted(map(str, devices))}")
         cpu = self.to("cpu")
@@ -205,6 +244,7 @@ class MultimodalBatch:
                 MaskedSample(
                     enc_ids=self.enc_ids[b][em], enc_mod=self.enc_mod[b][em], enc_pos=self.enc_pos[b][em],
                     dec_ids=self.dec_ids[b][dm], dec_mod=self.dec_mod[b][dm], dec_pos=self.dec_pos[b][dm],
+                    values={k: v[b] for k, v in self.enc_values.items() if bool(self.enc_values_mask[k][b])},
                 )
             )
         return out
@@ -221,8 +261,8 @@ def _pad_group(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Right-pad each field's list of 1-D tensors to ``width`` -> (B, width) tensors + (B, width) mask."""
     padded = []
-    for field in tensors:
-        out = pad_sequence(field, batch_first=True, padding_value=0)  # (B, max_len)
+    for column in tensors:
+        out = pad_sequence(column, batch_first=True, padding_value=0)  # (B, max_len)
         if out.shape[1] < width:
             out = torch.nn.functional.pad(out, (0, width - out.shape[1]), value=0)
         padded.append(out)
@@ -252,7 +292,26 @@ def collate(samples: Sequence[MaskedSample], pad_to_multiple_of: int | None = No
     nt = _round_up(max(int(dec_len.max()), 1), pad_to_multiple_of)
     (enc_ids, enc_mod, enc_pos), enc_mask = _pad_group([[getattr(s, f) for s in samples] for f in _ENC], enc_len, ni)
     (dec_ids, dec_mod, dec_pos), dec_mask = _pad_group([[getattr(s, f) for s in samples] for f in _DEC], dec_len, nt)
+    values, values_mask = collate_values([s.values for s in samples])
     return MultimodalBatch(
         enc_ids=enc_ids, enc_mod=enc_mod, enc_pos=enc_pos, enc_mask=enc_mask,
         dec_ids=dec_ids, dec_mod=dec_mod, dec_pos=dec_pos, dec_mask=dec_mask,
+        enc_values=values, enc_values_mask=values_mask,
     )
+
+
+def collate_values(per_sample: Sequence[dict[str, torch.Tensor] | None]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-sample ``{name: (N, F)}`` (or None) -> ``({name: (B, N, F)}, {name: (B,) bool})``, zeros where missing."""
+    names = sorted({k for v in per_sample if v for k in v})
+    values, present = {}, {}
+    for name in names:
+        rows = [v.get(name) if v else None for v in per_sample]
+        first = next(r for r in rows if r is not None)
+        for r in rows:
+            if r is not None and r.shape != first.shape:
+                raise ValueError(f"values of {name!r} differ in shape across the batch: {tuple(r.shape)} vs "
+                                 f"{tuple(first.shape)}")
+        values[name] = torch.stack([r if r is not None else torch.zeros_like(first) for r in rows])
+        present[name] = torch.tensor([r is not None for r in rows])
+    return values, present

@@ -26,12 +26,12 @@ Shapes: B batch, Ni input tokens, Nq decoder queries, N tokens of a modality, V 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from onemodel.batch import collate
+from onemodel.batch import collate, collate_values
 from onemodel.masking import build_sample
 from onemodel.sampling import (
     AutoregressiveSchedule,
@@ -151,6 +151,20 @@ def encoder_batch(
     return tuple(t.to(device) for t in enc)  # type: ignore[return-value]
 
 
+def values_batch(model, values: Mapping[str, Sequence[torch.Tensor | None]] | None, batch_size: int,
+                 device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-sample pixel patches of pixel-embedded inputs (name -> per sample (N, F) or None) -> the model's
+    ``values`` / ``values_mask`` ({name: (B, N, F)}, {name: (B,) bool}) on ``device``."""
+    if not values:
+        return {}, {}
+    per_sample = []
+    for b in range(batch_size):
+        per_sample.append({name: torch.as_tensor(rows[b]).float().cpu() for name, rows in values.items()
+                           if rows[b] is not None})
+    vals, present = collate_values(per_sample)
+    return {k: v.to(device) for k, v in vals.items()}, {k: v.to(device) for k, v in present.items()}
+
+
 def _check_inputs(model, rows: Mapping[str, list], targets: Sequence[str]) -> None:
     cfg = model.config
     names = cfg.modality_names
@@ -210,10 +224,11 @@ def _append_partial(enc: tuple, m_idx: int, ids: torch.Tensor, pos: torch.Tensor
     return tuple(torch.cat([a, b], dim=1) for a, b in zip(enc, block))
 
 
-def _encode(model, cond: tuple, uncond: tuple | None, partial: tuple | None = None):
+def _encode(model, cond: tuple, uncond: tuple | None, partial: tuple | None = None, vals: tuple | None = None):
     """Encoder output of the conditional batch, with the unconditional batch (every input dropped) stacked
     behind it (2B rows) when ``uncond`` is given. partial: ``(m_idx, ids, known)`` of a grid target, appended to
-    both."""
+    both. vals: ``(values, values_mask)`` pixel patches of the conditional batch (``values_batch``)."""
+    values, values_mask = vals if vals is not None else ({}, {})
     if partial is not None:
         cond = _append_partial(cond, *partial)
         uncond = _append_partial(uncond, *partial) if uncond is not None else None
@@ -221,6 +236,10 @@ def _encode(model, cond: tuple, uncond: tuple | None, partial: tuple | None = No
         width = max(cond[0].shape[1], uncond[0].shape[1])
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         cond = tuple(torch.cat([pad(a), pad(b)]) for a, b in zip(cond, uncond))
+        values = {k: torch.cat([v, torch.zeros_like(v)]) for k, v in values.items()}
+        values_mask = {k: torch.cat([v, torch.zeros_like(v)]) for k, v in values_mask.items()}
+    if values:
+        return model.encode(*cond, values, values_mask)
     return model.encode(*cond)
 
 
@@ -239,7 +258,8 @@ def _mix(logits: torch.Tensor, opts: SamplingOptions, batch_size: int) -> torch.
 
 
 def _decode_grid(
-    model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, progress, keep_logits, passes
+    model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, progress, keep_logits, passes,
+    vals=None,
 ):
     cfg = model.config
     m_idx = cfg.modality_index(name)
@@ -270,7 +290,7 @@ def _decode_grid(
             query_pos = torch.argsort(known.to(torch.uint8), dim=1, stable=True)[:, : n - start]  # (B, Nq) masked
         known_pos = torch.argsort((~known).to(torch.uint8), dim=1, stable=True)[:, :start]  # (B, start) ascending
         start += count
-        enc_out = _encode(model, cond, uncond, (m_idx, ids, known_pos))  # the encoder runs once per step
+        enc_out = _encode(model, cond, uncond, (m_idx, ids, known_pos), vals)  # the encoder runs once per step
         passes["encoder"] += 1
         reps = enc_out.states.shape[0] // batch_size
         hidden = model.decode_grid(enc_out, name, query_pos.repeat(reps, 1))  # (B*, Nq, D)
@@ -301,14 +321,14 @@ def _decode_grid(
 
 def _decode_sequence(
     model, name, cond_rows, opts, schedule, batch_size, generators, device, banned, eos_id, progress, keep_logits,
-    passes,
+    passes, vals=None,
 ):
     cfg = model.config
     m_idx = cfg.modality_index(name)
     max_len = cfg.modalities[m_idx].max_length
     if schedule.max_length is not None:
         max_len = min(max_len, schedule.max_length)
-    enc_out = _encode(model, *_conditions(model, cond_rows, opts, batch_size, device))  # once per sequence
+    enc_out = _encode(model, *_conditions(model, cond_rows, opts, batch_size, device), None, vals)  # once per sequence
     passes["encoder"] += 1
     rows = enc_out.states.shape[0]  # B, or 2B with guidance
     cache = model.new_static_cache(enc_out, name, max_len) if schedule.use_cache else None
@@ -371,6 +391,8 @@ def generate(
     batch_size: int | None = None,
     output_logits: bool = False,
     progress: bool = False,
+    values: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+    to_values: Callable[[str, list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> GenerationOutput:
     """Generate ``targets`` (in order) from ``inputs`` with ``model`` (a ``onemodel.model.OneModel``).
 
@@ -388,6 +410,12 @@ def generate(
     batch_size: needed only when ``inputs`` is empty (unconditional generation).
     output_logits: also return the guided logits of every chosen token (``GenerationOutput.logits``).
     progress: show a tqdm bar per target.
+    values: pixel patches of pixel-embedded inputs (``OneModelConfig.input_embeddings`` "pixels"): name -> per
+        sample a (N, F) float tensor (``onemodel.pixel_inputs.patchify``) or None; such an input then enters the
+        encoder as pixels (its token ids are still given in ``inputs``). Without them it enters as tokens.
+    to_values: for chaining: ``(name, tokens per sample) -> patches per sample``, called when a pixel-embedded
+        target is finished and more targets follow (the pipeline decodes the tokens to pixels); None = the
+        finished target feeds the next ones as tokens.
     """
     if isinstance(targets, str):
         targets = [targets]
@@ -409,6 +437,12 @@ def generate(
         raise ValueError("no inputs: pass batch_size=B (>= 1) for unconditional generation")
     _check_inputs(model, rows, targets)
     cfg = model.config
+    values = {k: list(v) for k, v in (values or {}).items()}
+    for name, per_sample in values.items():
+        if name not in rows:
+            raise ValueError(f"values given for {name!r}, which is not an input; give its token ids in inputs too")
+        if len(per_sample) != batch_size:
+            raise ValueError(f"values[{name!r}] holds {len(per_sample)} samples, the inputs {batch_size}")
     per_target: dict[str, SamplingOptions] = {}
     for name in targets:
         if isinstance(options, Mapping):
@@ -459,21 +493,25 @@ def generate(
                 opts = per_target[name]
                 generators = make_generators(seed, batch_size, device, stream=k)
                 mod = cfg.modalities[cfg.modality_index(name)]
+                vals = values_batch(model, values, batch_size, device)
                 if mod.is_grid:
                     ids, probs, logits = _decode_grid(
                         model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name),
-                        progress, output_logits, out.passes.setdefault(name, {"encoder": 0, "decoder": 0}),
+                        progress, output_logits, out.passes.setdefault(name, {"encoder": 0, "decoder": 0}), vals,
                     )
                 else:
                     ids, probs, logits = _decode_sequence(
                         model, name, rows, opts, opts.schedule, batch_size, generators, device, banned.get(name),
                         eos_id, progress, output_logits, out.passes.setdefault(name, {"encoder": 0, "decoder": 0}),
+                        vals,
                     )
                 out.tokens[name] = [i.cpu() for i in ids]
                 out.probs[name] = [p.cpu() for p in probs]
                 if output_logits:
                     out.logits[name] = logits.cpu()
                 rows = {**rows, name: out.tokens[name]}  # chain: the finished target is an input of the next
+                if to_values is not None and name in cfg.value_modalities and k + 1 < len(targets):
+                    values = {**values, name: to_values(name, out.tokens[name])}  # read as pixels, as in training
     finally:
         model.train(was_training)
     return out

@@ -43,7 +43,7 @@ __all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "Decode
 logger = logging.getLogger(__name__)
 
 # how a modality's input tokens are embedded (OneModelConfig.input_embeddings)
-INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable")
+INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,8 +83,13 @@ class OneModelConfig:
         through a table learned from scratch 0.73 held-out accuracy (over-fits), through the frozen codebook +
         a linear map 0.98 (issue 12); on the shapes demo it gains nothing and the rgb loss is worse, since the
         8x8 tokens there lose objects before any embedding (docs/recipe.md). Targets (the heads) are unchanged.
+        "pixels": the modality enters the encoder as normalised pixel patches (``onemodel.pixel_inputs``, one
+        patch per grid slot) through a linear patch embedding, as 4M's ``rgb@224``; its tokens stay the target,
+        and input slots of a sample that has no pixels (the decoded-so-far tokens of MaskGIT) use the token table.
     codebook_dims: width of the code vectors of each codebook-embedded modality (filled from the tokenizer by
         ``onemodel train``; the vectors are saved with the model, ``set_input_codebook`` loads them).
+    value_dims: width F of one input patch row of each pixel-embedded modality (P * P * channels; filled from the
+        tokenizer's image and grid size by ``onemodel train``).
     """
 
     modalities: tuple[Modality, ...]
@@ -105,6 +110,7 @@ class OneModelConfig:
     tie_embeddings: bool = False
     input_embeddings: dict[str, str] = field(default_factory=dict)
     codebook_dims: dict[str, int] = field(default_factory=dict)
+    value_dims: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.modalities, (str, bytes)) or not isinstance(self.modalities, (list, tuple)):
@@ -138,6 +144,7 @@ class OneModelConfig:
         if self.init not in ("xavier", "trunc_normal"):
             raise ValueError(f"init must be 'xavier' or 'trunc_normal', got {self.init!r}")
         self.input_embeddings, self.codebook_dims = dict(self.input_embeddings), dict(self.codebook_dims)
+        self.value_dims = dict(self.value_dims)
         by_name = {m.name: m for m in self.modalities}
         for name, kind in self.input_embeddings.items():
             if name not in by_name:
@@ -151,6 +158,12 @@ class OneModelConfig:
             if kind.startswith("codebook") and self.codebook_dims.get(name, 0) < 1:
                 raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs codebook_dims[{name!r}] >= 1 (the width "
                                  "of its tokenizer's code vectors; onemodel train fills it from the tokenizer)")
+            if kind == "pixels" and self.value_dims.get(name, 0) < 1:
+                raise ValueError(f"input_embeddings[{name!r}] = 'pixels' needs value_dims[{name!r}] >= 1 (patch side**2 "
+                                 "x channels; onemodel train fills it from the tokenizer)")
+        extra = sorted(set(self.value_dims) - set(self.value_modalities))
+        if extra:
+            raise ValueError(f"value_dims names {extra}, which input_embeddings does not embed from pixels")
         extra = sorted(set(self.codebook_dims) - set(self.codebook_modalities))
         if extra:
             raise ValueError(f"codebook_dims names {extra}, which input_embeddings does not embed by codebook")
@@ -159,6 +172,11 @@ class OneModelConfig:
     def codebook_modalities(self) -> list[str]:
         """Modalities whose input tokens are embedded through their tokenizer's code vectors, in model order."""
         return [m.name for m in self.modalities if self.input_embeddings.get(m.name, "table").startswith("codebook")]
+
+    @property
+    def value_modalities(self) -> list[str]:
+        """Modalities whose inputs are pixel patches (``input_embeddings`` "pixels"), in model order."""
+        return [m.name for m in self.modalities if self.input_embeddings.get(m.name, "table") == "pixels"]
 
     @property
     def modality_names(self) -> list[str]:
@@ -381,6 +399,8 @@ class OneModel(nn.Module):
                                       trainable=cfg.input_embeddings[m.name] == "codebook_trainable")
             for m in mods if m.name in cfg.codebook_modalities
         })
+        # pixel-embedded inputs (config.input_embeddings "pixels"): a linear patch embedding per modality
+        self.input_patches = nn.ModuleDict({name: nn.Linear(cfg.value_dims[name], D) for name in cfg.value_modalities})
         self.enc_mod_emb = nn.Embedding(M, D)
         self.dec_mod_emb = nn.Embedding(M, D)
         pos = torch.cat([sincos_2d(m.grid_size, D) if m.is_grid else sincos_1d(m.max_length, D) for m in mods])
@@ -535,15 +555,35 @@ class OneModel(nn.Module):
         return block(*args)
 
     # ---------------------------------------------------------------------------------------------- encode
-    def embed_inputs(self, ids, mod, pos, mask) -> torch.Tensor:
-        """(B, Ni) ids/mod/pos/mask -> (B, Ni, D): token + modality + position embedding (0 at padding)."""
+    def embed_inputs(self, ids, mod, pos, mask, values=None, values_mask=None) -> torch.Tensor:
+        """(B, Ni) ids/mod/pos/mask -> (B, Ni, D): token + modality + position embedding (0 at padding).
+
+        values / values_mask: pixel patches of pixel-embedded modalities, name -> (B, N, F) / (B,) bool
+        (``MultimodalBatch.enc_values``); a slot of such a modality in a sample that has them is embedded from the
+        patch row at its position instead of its token id."""
         ids, mod, pos = ids.masked_fill(~mask, 0), mod.masked_fill(~mask, 0), pos.masked_fill(~mask, 0)
-        x = F.embedding(ids + self.vocab_offset[mod], self.input_table()) + self.enc_mod_emb(mod) + self.pos_table[pos + self.pos_offset[mod]]
+        x = F.embedding(ids + self.vocab_offset[mod], self.input_table())
+        for name, t in (values or {}).items():
+            if name not in self.input_patches:
+                raise ValueError(f"values given for {name!r}, which this model does not embed from pixels "
+                                 f"(input_embeddings: {self.config.input_embeddings})")
+            m = self.config.modality_index(name)
+            if t.shape[1] != int(self.num_positions[m]) or t.shape[2] != self.input_patches[name].in_features:
+                raise ValueError(f"values[{name!r}] must be (B, {int(self.num_positions[m])}, "
+                                 f"{self.input_patches[name].in_features}), got {tuple(t.shape)}")
+            patches = self.input_patches[name](t.to(x.dtype))  # (B, N, D)
+            rows = patches.gather(1, pos[..., None].expand(-1, -1, x.shape[-1]).clamp(max=t.shape[1] - 1))  # (B, Ni, D)
+            use = (mod == m) & mask
+            if values_mask is not None and name in values_mask:
+                use = use & values_mask[name][:, None]
+            x = torch.where(use[..., None], rows.to(x.dtype), x)
+        x = x + self.enc_mod_emb(mod) + self.pos_table[pos + self.pos_offset[mod]]
         return x * mask[..., None]
 
-    def encode(self, enc_ids, enc_mod, enc_pos, enc_mask) -> EncoderOutput:
+    def encode(self, enc_ids, enc_mod, enc_pos, enc_mask, values=None, values_mask=None) -> EncoderOutput:
         """Encode the input tokens: (B, Ni) tensors -> ``EncoderOutput(states (B, Ni, D), mask (B, Ni))``.
 
+        values / values_mask: pixel patches of pixel-embedded modalities (see ``embed_inputs``).
         A batch without any input slot (Ni = 0, e.g. the unconditional pass of classifier-free guidance) gets
         one padding slot; cross-attention over no real input contributes zeros.
         """
@@ -551,7 +591,7 @@ class OneModel(nn.Module):
         if enc_ids.shape[1] == 0:
             enc_ids, enc_mod, enc_pos = (t.new_zeros(t.shape[0], 1) for t in (enc_ids, enc_mod, enc_pos))
             enc_mask = enc_mask.new_zeros(enc_mask.shape[0], 1)
-        x = self.embed_inputs(enc_ids, enc_mod, enc_pos, enc_mask)
+        x = self.embed_inputs(enc_ids, enc_mod, enc_pos, enc_mask, values, values_mask)
         # prepared once for all layers (causal folding, empty rows, additive bias): no host sync per layer
         attn_mask = AttentionMask(self._key_padding_mask(enc_mask, num_queries=enc_mask.shape[1]))
         for block in self.encoder:
@@ -748,7 +788,8 @@ class OneModel(nn.Module):
     def forward(self, batch) -> ModelOutput:
         """Training / evaluation pass over a ``MultimodalBatch`` (any object with its eight tensor fields)."""
         self._check_batch(batch.dec_ids, batch.dec_mod, batch.dec_pos, batch.dec_mask, "targets")
-        enc_out = self.encode(batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask)
+        enc_out = self.encode(batch.enc_ids, batch.enc_mod, batch.enc_pos, batch.enc_mask,
+                              getattr(batch, "enc_values", None), getattr(batch, "enc_values_mask", None))
         dec_input = self.shift_targets(batch.dec_ids, batch.dec_pos)
         hidden = self.decode(enc_out, dec_input, batch.dec_mod, batch.dec_pos, batch.dec_mask)
         return self.loss_and_logits(hidden, batch.dec_ids, batch.dec_mod, batch.dec_mask)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from onemodel.generation import generate as generate_tokens
+from onemodel.pixel_inputs import patchify
 from onemodel.pipeline_inputs import (
     describe,
     is_image_like,
@@ -214,8 +215,9 @@ class OneModelPipeline:
             )
 
     def _tokenize(self, inputs: dict[str, list], n: int, truncate: bool = False
-                  ) -> tuple[dict[str, list], list[tuple[int, int] | None]]:
-        """User values -> token rows per modality; also each sample's reference image size (H, W) or None."""
+                  ) -> tuple[dict[str, list], list[tuple[int, int] | None], dict[str, list]]:
+        """User values -> token rows per modality; each sample's reference image size (H, W) or None; and the pixel
+        patches of the inputs the model reads as pixels (``onemodel.pixel_inputs``)."""
         sizes: list[tuple[int, int] | None] = [None] * n
         rows: dict[str, list] = {}
         grid_arrays: dict[str, list] = {}
@@ -223,6 +225,8 @@ class OneModelPipeline:
             mod = self.modalities[name]
             if mod.is_grid:
                 grid_arrays[name] = [self._grid_input(name, v, i, sizes) for i, v in enumerate(inputs[name])]
+        values: dict[str, list] = {}
+        pixel_inputs = set(self.model.config.value_modalities)
         for name, arrays in grid_arrays.items():
             tok = self._tokenizer(name)
             present = [i for i, a in enumerate(arrays) if a is not None]
@@ -232,10 +236,13 @@ class OneModelPipeline:
                 # in float round-off, which can flip a near-tie in the quantizer)
                 out[i] = tok.encode(arrays[i][None])[0].long().cpu()  # (N,)
             rows[name] = out
-        for name, values in inputs.items():
+            if name in pixel_inputs:  # the encoder reads this modality as pixel patches (onemodel.pixel_inputs)
+                grid = self.modalities[name].grid_size
+                values[name] = [patchify(a, grid) if a is not None else None for a in arrays]
+        for name, per_sample in inputs.items():
             if self.modalities[name].is_sequence:
-                rows[name] = [self._sequence_input(name, v, i, sizes[i], truncate) for i, v in enumerate(values)]
-        return rows, sizes
+                rows[name] = [self._sequence_input(name, v, i, sizes[i], truncate) for i, v in enumerate(per_sample)]
+        return rows, sizes, values
 
     def _grid_input(self, name: str, value: Any, i: int, sizes: list) -> np.ndarray | None:
         if value is None:
@@ -404,7 +411,7 @@ class OneModelPipeline:
         for start in range(0, n, batch_size):
             chunk = {k: v[start : start + batch_size] for k, v in values.items()}
             b = min(batch_size, n - start)
-            rows, sizes = self._tokenize(chunk, b, truncate)
+            rows, sizes, pixels = self._tokenize(chunk, b, truncate)
             out = generate_tokens(
                 self.model,
                 rows,
@@ -415,6 +422,8 @@ class OneModelPipeline:
                 suppress_ids={t: self._suppressed(t) for t in targets},
                 batch_size=b,
                 progress=progress,
+                values=pixels,
+                to_values=self._pixels_of_tokens,
             )
             for i in range(b):
                 if return_tokens:
@@ -422,6 +431,15 @@ class OneModelPipeline:
                 else:
                     results.append({t: self._decode(t, out.tokens[t][i], out.probs[t][i], sizes[i]) for t in targets})
         return results if listed else results[0]
+
+    def _pixels_of_tokens(self, name: str, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Generated tokens of a pixel-embedded modality -> the patches the next chained target reads (decoded by the
+        modality's tokenizer, as a user-given image would be)."""
+        tok = self._tokenizer(name)
+        grid = self.modalities[name].grid_size
+        with torch.no_grad():
+            images = [tok.decode(t.long().view(1, -1))[0] for t in tokens]
+        return [patchify(np.asarray(img, dtype=np.uint8), grid) for img in images]
 
     def _decode(self, name: str, ids: torch.Tensor, probs: torch.Tensor, size: tuple[int, int] | None) -> Any:
         from PIL import Image

@@ -3,11 +3,13 @@ output, modality specs, CLI wiring, bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tokenizers_mm.boxes import boxes_to_text
 from tokenizers_mm.bundle import TokenizerBundle
@@ -104,8 +106,10 @@ def test_pretokenize_round_trip(dataset, bundle_dir, tmp_path):
                         for t in bundle.tokenize_samples(list(iter_samples(str(shard))))]
         back = list(iter_token_samples(out, split))
         assert [t["__key__"] for t in back] == [r["__key__"] for r in raws]
-        for expected, tok in zip(expected_all, back):
-            assert set(tok) == set(expected)
+        for expected, tok, raw in zip(expected_all, back, raws):
+            assert set(tok) == set(expected) | {"__pixels_rgb"}
+            # the rgb image rides along for pixel-patch inputs, losslessly (PNG)
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(tok["__pixels_rgb"]))), raw["rgb"])
             for k in ("rgb", "depth", "semseg", "caption", "det"):
                 assert tok[k].dtype == np.int32 and np.array_equal(tok[k], expected[k])
             assert tok["qa"] == expected["qa"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import io
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from onemodel.masking import MaskingConfig, TextSpecialIds
 from training.loader import MaskedStream, build_train_loader, build_val_batches, load_source
@@ -90,6 +93,8 @@ def test_raw_shards_tokenized_on_the_fly_match_token_shards(parts):
         for name in b:
             if name == "qa":
                 assert [[list(q), list(x)] for q, x in a[name]] == [[list(q), list(x)] for q, x in b[name]]
+            elif name.startswith("__pixels_"):  # raw: the image array; token shards: its PNG (lossless)
+                assert np.array_equal(a[name], np.asarray(Image.open(io.BytesIO(b[name])))), name
             else:
                 assert a[name].tolist() == b[name].tolist(), name
 

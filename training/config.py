@@ -59,6 +59,7 @@ class ModelSection:
     # e.g. {rgb: codebook}: embed rgb input tokens through the rgb tokenizer's frozen code vectors (see OneModelConfig)
     input_embeddings: dict[str, str] = field(default_factory=dict)
     codebook_dims: dict[str, int] = field(default_factory=dict)  # left empty: read from the tokenizers
+    value_dims: dict[str, int] = field(default_factory=dict)  # {rgb: pixels}: patch width, left empty: from the tokenizer
     gradient_checkpointing: bool = False  # recompute block activations in backward (training-only, not saved)
     # Not OneModelConfig fields: max tokens (eos included) of each sequence modality, e.g. {caption: 48}; names left
     # out take the longest sequence recorded in the token shards' meta.json (the bundle defaults for raw data).

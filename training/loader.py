@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from onemodel.batch import MaskedSample, MultimodalBatch, collate
 from onemodel.masking import MaskingConfig, TextSpecialIds, mask_sample, select_qa
 from onemodel.modalities import Modality
+from onemodel.pixel_inputs import attach_pixels, pixels_key
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,10 @@ def _decode_token_sample(shard: Path, key: str, files: dict[str, bytes], keep_se
                     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
                         raise ValueError(f"expected a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
                     sample[name] = arr.astype(np.int64)
+            elif suffix.startswith("pixels.") and suffix.endswith(".png"):  # rgb image for pixel-patch inputs
+                name = suffix[len("pixels."):-len(".png")]
+                if keep_set is None or name in keep_set:
+                    sample[pixels_key(name)] = bytes(data)
             elif suffix == "qa.json":
                 if keep_set is None or keep_set & set(QA_MODALITIES):
                     pairs = json.loads(data.decode("utf-8"))
@@ -268,9 +273,12 @@ class RawShardSet:
             raw = resize_sample(raw, self._resolution)
         with torch.no_grad():
             tokens = self._bundle.tokenize_sample(raw)
+        if raw.get("rgb") is not None and "rgb" in tokens:  # for pixel-patch inputs (uint8 (H, W, 3))
+            tokens[pixels_key("rgb")] = np.asarray(raw["rgb"], dtype=np.uint8)
         if self.keep is not None:
             keep = set(self.keep)
-            tokens = {k: v for k, v in tokens.items() if k in keep or (k == QA_KEY and keep & set(QA_MODALITIES))}
+            tokens = {k: v for k, v in tokens.items() if k in keep or (k == QA_KEY and keep & set(QA_MODALITIES))
+                      or (k.startswith("__pixels_") and k[len("__pixels_"):] in keep)}
         return tokens
 
 
@@ -309,13 +317,14 @@ class MaskedStream(IterableDataset):
     text_ids: special ids of the text tokenizer (eos, sentinels, pad) for sequence masking;
     micro_batch_size: samples per micro-batch; num_processes / rank: data-parallel layout;
     grad_accum_steps: micro-batches per process per optimizer step; start_step / end_step: optimizer steps to
-    cover (end_step None = forever); stream: TRAIN_STREAM or VAL_STREAM (independent randomness).
+    cover (end_step None = forever); stream: TRAIN_STREAM or VAL_STREAM (independent randomness);
+    pixel_grids: modalities the model reads as pixel patches -> their grid size (``onemodel.pixel_inputs``).
     """
 
     def __init__(self, sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
                  text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_processes: int = 1,
                  rank: int = 0, grad_accum_steps: int = 1, start_step: int = 0, end_step: int | None = None,
-                 stream: int = TRAIN_STREAM) -> None:
+                 stream: int = TRAIN_STREAM, pixel_grids: dict[str, int] | None = None) -> None:
         super().__init__()
         if not sources:
             raise ValueError("the data mixture has no sources")
@@ -331,6 +340,7 @@ class MaskedStream(IterableDataset):
         self.start_step = start_step
         self.end_step = end_step
         self.stream = stream
+        self.pixel_grids = dict(pixel_grids or {})
         weights = np.asarray([s.weight for s in self.sources], dtype=np.float64)
         self.cum_weights = np.cumsum(weights / weights.sum())
         self.global_batch = micro_batch_size * num_processes * grad_accum_steps
@@ -343,9 +353,10 @@ class MaskedStream(IterableDataset):
         item = int(rng.integers(len(source.samples)))
         tokens = select_qa(source.samples.get(item), rng)  # qa pairs -> one question / answer
         if source.modalities is not None:  # e.g. question kept but not answer
-            keep = set(source.modalities)
+            keep = set(source.modalities) | {pixels_key(n) for n in source.modalities}
             tokens = {k: v for k, v in tokens.items() if k in keep}
-        return mask_sample(tokens, self.modalities, self.masking, rng, text_ids=self.text_ids)
+        sample = mask_sample(tokens, self.modalities, self.masking, rng, text_ids=self.text_ids)
+        return attach_pixels(sample, tokens, self.pixel_grids, self.modalities)
 
     def micro_batch_indices(self, step: int, accum: int) -> range:
         """Global sample indices of this process's micro-batch ``accum`` of optimizer step ``step``."""
@@ -395,11 +406,12 @@ def _die_with_parent(parent_pid: int) -> None:
 def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
                        text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_processes: int,
                        rank: int, grad_accum_steps: int, start_step: int, end_step: int | None, num_workers: int,
-                       pad_to_multiple_of: int | None = None, pin_memory: bool = False) -> DataLoader:
+                       pad_to_multiple_of: int | None = None, pin_memory: bool = False,
+                       pixel_grids: dict[str, int] | None = None) -> DataLoader:
     """DataLoader yielding this process's :class:`MultimodalBatch` micro-batches from ``start_step`` on
     (``grad_accum_steps`` per optimizer step), masked in ``num_workers`` worker processes."""
     dataset = MaskedStream(sources, modalities, masking, text_ids, seed, micro_batch_size, num_processes, rank,
-                           grad_accum_steps, start_step, end_step, TRAIN_STREAM)
+                           grad_accum_steps, start_step, end_step, TRAIN_STREAM, pixel_grids)
     return DataLoader(
         dataset,
         batch_size=micro_batch_size,
@@ -417,14 +429,15 @@ def build_train_loader(sources: Sequence[MixtureSource], modalities: Sequence[Mo
 
 def build_val_batches(sources: Sequence[MixtureSource], modalities: Sequence[Modality], masking: MaskingConfig,
                       text_ids: TextSpecialIds | None, seed: int, micro_batch_size: int, num_samples: int,
-                      num_processes: int = 1, rank: int = 0,
-                      pad_to_multiple_of: int | None = None) -> list[MultimodalBatch]:
+                      num_processes: int = 1, rank: int = 0, pad_to_multiple_of: int | None = None,
+                      pixel_grids: dict[str, int] | None = None) -> list[MultimodalBatch]:
     """This process's share of the fixed validation set, in micro-batches of ``micro_batch_size``.
 
     The set is samples ``0 .. num_samples - 1`` of the validation stream, whatever the number of processes;
     process ``rank`` takes samples ``rank, rank + num_processes, ...``. The same every evaluation, so validation
     losses are comparable across steps, runs and process counts (reduce token-weighted sums over processes)."""
-    stream = MaskedStream(sources, modalities, masking, text_ids, seed, micro_batch_size, stream=VAL_STREAM)
+    stream = MaskedStream(sources, modalities, masking, text_ids, seed, micro_batch_size, stream=VAL_STREAM,
+                          pixel_grids=pixel_grids)
     mine = list(range(rank, num_samples, num_processes))
     return [
         collate([stream.sample_at(i) for i in mine[k : k + micro_batch_size]], pad_to_multiple_of)

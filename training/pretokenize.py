@@ -2,8 +2,9 @@
 
 For every split sub-directory of the dataset (``train/``, ``val/``, ``test/``; or the dataset directory itself
 when it holds shards directly), each raw shard ``shard-NNNNNN.tar`` becomes a token shard of the same name
-holding, per sample, ``{key}.{name}.npy`` (int32 1-D ids: ``rgb``, ``depth``, ``semseg``, ``caption``, ``det``)
-and ``{key}.qa.json`` (``[[question_ids, answer_ids], ...]``). Shards are written as ``*.tar.incomplete`` and
+holding, per sample, ``{key}.{name}.npy`` (int32 1-D ids: ``rgb``, ``depth``, ``semseg``, ``caption``, ``det``),
+``{key}.qa.json`` (``[[question_ids, answer_ids], ...]``) and ``{key}.pixels.rgb.png`` (the rgb image at the
+tokenizer's size, for models that read rgb as pixel patches, ``model.input_embeddings: {rgb: pixels}``). Shards are written as ``*.tar.incomplete`` and
 renamed when complete. ``out_dir/meta.json`` names the tokenizer bundle, the modality specs (with the
 ``max_length`` of each sequence modality = the longest sequence found in any split) and the sample counts.
 """
@@ -37,7 +38,9 @@ def encode_token_sample(tokens: dict[str, Any]) -> dict[str, bytes | str]:
     for name, value in tokens.items():
         if name == "__key__":
             continue
-        if name == "qa":
+        if name.startswith("__pixels_"):  # PNG bytes of an image (onemodel.pixel_inputs.pixels_key)
+            files[f"pixels.{name[len('__pixels_'):]}.png"] = value
+        elif name == "qa":
             pairs = [[[int(i) for i in q], [int(i) for i in a]] for q, a in value]
             files["qa.json"] = json.dumps(pairs).encode("utf-8")
         else:
@@ -68,10 +71,24 @@ def iter_token_samples(directory: str | Path, split: str | None = None) -> Itera
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 if suffix == "qa.json":
                     current["qa"] = json.loads(data.decode("utf-8"))
+                elif suffix.startswith("pixels.") and suffix.endswith(".png"):
+                    current[f"__pixels_{suffix[len('pixels.'):-len('.png')]}"] = data
                 elif suffix.endswith(".npy"):
                     current[suffix[: -len(".npy")]] = np.load(io.BytesIO(data), allow_pickle=False)
         if current is not None:
             yield current
+
+
+def _with_pixels(tokens: list[dict[str, Any]], raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add the rgb image (PNG bytes, at the tokenizer's size) to each token sample that has rgb tokens."""
+    from PIL import Image
+
+    for t, raw in zip(tokens, raws):
+        if "rgb" in t and raw.get("rgb") is not None:
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(raw["rgb"], dtype=np.uint8)).save(buf, format="PNG")
+            t["__pixels_rgb"] = buf.getvalue()
+    return tokens
 
 
 def _split_dirs(data_dir: Path) -> list[tuple[str, Path]]:
@@ -163,11 +180,11 @@ def pretokenize(
                 for raw in iter_samples(str(shard), resolution=resolution):
                     batch.append(raw)
                     if len(batch) == batch_size:
-                        tokens += bundle.tokenize_samples(batch)
+                        tokens += _with_pixels(bundle.tokenize_samples(batch), batch)
                         bar.update(len(batch))
                         batch = []
                 if batch:
-                    tokens += bundle.tokenize_samples(batch)
+                    tokens += _with_pixels(bundle.tokenize_samples(batch), batch)
                     bar.update(len(batch))
                 for t in tokens:
                     for name in ("caption", "det"):

@@ -91,6 +91,22 @@ def input_codebook_dims(config: TrainConfig, modalities: tuple[Any, ...], bundle
     return dims
 
 
+def input_value_dims(config: TrainConfig, modalities: tuple[Any, ...], bundle: Any) -> dict[str, int]:
+    """``value_dims`` of the model: as configured, else the patch width of each pixel-embedded modality (its
+    tokenizer's image size cut into its token grid, 3 channels)."""
+    from onemodel.pixel_inputs import patch_dim
+
+    dims = dict(config.model.value_dims)
+    by_name = {m.name: m for m in modalities}
+    for name, kind in config.model.input_embeddings.items():
+        if kind == "pixels" and name in by_name and name not in dims:
+            if name != "rgb":
+                raise ValueError(f"model.input_embeddings.{name}=pixels: only rgb can be read as pixels so far; use "
+                                 "'table' or 'codebook' for other modalities")
+            dims[name] = patch_dim(int(bundle[by_name[name].tokenizer].image_size), by_name[name].grid_size)
+    return dims
+
+
 def model_modalities(config: TrainConfig, bundle: Any) -> tuple[Any, ...]:
     """The model's modalities: one per tokenizer of the bundle (grid) and the text sequence modalities, with
     ``max_length`` = ``model.max_lengths`` where given, else the longest sequence recorded by pre-tokenization
@@ -253,6 +269,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     training_only = ("gradient_checkpointing", "max_lengths")  # ModelSection fields that OneModelConfig lacks
     model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in training_only}
     model_kwargs["codebook_dims"] = input_codebook_dims(config, modalities, bundle)
+    model_kwargs["value_dims"] = input_value_dims(config, modalities, bundle)
     model_config = OneModelConfig(modalities=modalities, **model_kwargs)
 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
@@ -301,16 +318,18 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     logger.info("model: %.2fM parameters, %d modalities %s; %d process(es) x %d micro-batch x %d accumulation = "
                 "batch %d", n_params / 1e6, len(names), names, num_processes, micro, accum, optim.batch_size)
 
+    pixel_grids = {name: model_config.modalities[model_config.modality_index(name)].grid_size
+                   for name in model_config.value_modalities}
     end_step = optim.max_steps if stop_at_step is None else max(start_step, min(stop_at_step, optim.max_steps))
     loader = build_train_loader(
         sources, modalities, config.masking, text_ids, data_cfg.seed, micro, num_processes,
         accelerator.process_index, accum, start_step, end_step, data_cfg.num_workers, pad_to_multiple_of=pad,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=accelerator.device.type == "cuda", pixel_grids=pixel_grids,
     )
     # the validation set: eval_batches x batch_size samples, the same for any process count
     val_batches = build_val_batches(val_sources, modalities, config.masking, text_ids, data_cfg.seed, micro,
                                     log_cfg.eval_batches * optim.batch_size, num_processes,
-                                    accelerator.process_index, pad) if val_sources else []
+                                    accelerator.process_index, pad, pixel_grids) if val_sources else []
 
     heldout = None  # learning curves of the real tasks (logging.heldout_*), on the main process
     if log_cfg.heldout_every and accelerator.is_main_process and not Path(log_cfg.heldout_data).is_dir():
