@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from onemodel.attention import BACKENDS, AttentionMask, attention
 from onemodel.config import from_dict, to_dict
+from onemodel.input_embeddings import CodebookEmbedding
 from onemodel.modalities import Modality, validate_modalities
 from onemodel.model_outputs import DecoderCache, EncoderOutput, ModelOutput, StaticDecoderCache
 
@@ -323,33 +324,6 @@ class DecoderBlock(nn.Module):
         x = x + sa.proj(h.transpose(1, 2).reshape(B, N, D))
         x = x + self.cross_attn(self.norm2(x), cross_kv, mask=cross_mask)
         return x + self.mlp(self.norm3(x))
-
-
-class CodebookEmbedding(nn.Module):
-    """Input embedding of one modality's token ids from its tokenizer's code vectors: ``codes`` (V, C), frozen (a
-    saved buffer) or trainable, standardised per dimension, then a learned linear map to the model width.
-
-    ``forward()`` returns the (V, D) embedding table of the modality (recomputed each call: V x C x D, tiny).
-    """
-
-    def __init__(self, vocab_size: int, code_dim: int, dim: int, trainable: bool = False) -> None:
-        super().__init__()
-        codes = torch.zeros(vocab_size, code_dim)
-        if trainable:
-            self.codes = nn.Parameter(codes)
-        else:
-            self.register_buffer("codes", codes)
-        self.linear = nn.Linear(code_dim, dim)
-
-    def reset_parameters(self) -> None:
-        """N(0, 1/C) weights: unit-variance embeddings from standardised codes (the token table's scale)."""
-        nn.init.normal_(self.linear.weight, std=self.linear.in_features ** -0.5)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self) -> torch.Tensor:
-        c = self.codes
-        c = (c - c.mean(0)) / c.std(0).clamp(min=1e-6)
-        return self.linear(c)
 
 
 # ----------------------------------------------------------------------------------------------------------
