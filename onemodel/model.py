@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from onemodel.attention import BACKENDS, AttentionMask, attention
 from onemodel.config import from_dict, to_dict
-from onemodel.input_embeddings import CodebookEmbedding
+from onemodel.input_embeddings import CodebookEmbedding, ConvPatchEmbedding
 from onemodel.modalities import Modality, validate_modalities
 from onemodel.model_outputs import DecoderCache, EncoderOutput, ModelOutput, StaticDecoderCache
 
@@ -44,7 +44,7 @@ __all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "Decode
 logger = logging.getLogger(__name__)
 
 # how a modality's input tokens are embedded (OneModelConfig.input_embeddings)
-INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels")
+INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ class OneModelConfig:
         "pixels": the modality enters the encoder as normalised pixel patches (``onemodel.pixel_inputs``, one
         patch per grid slot) through a linear patch embedding, as 4M's ``rgb@224``; its tokens stay the target,
         and input slots of a sample that has no pixels (the decoded-so-far tokens of MaskGIT) use the token table.
+        "pixels_conv": the same, through a small convolutional stem over the image (``ConvPatchEmbedding``).
     codebook_dims: width of the code vectors of each codebook-embedded modality (filled from the tokenizer by
         ``onemodel train``; the vectors are saved with the model, ``set_input_codebook`` loads them).
     value_dims: width F of one input patch row of each pixel-embedded modality (P * P * channels; filled from the
@@ -159,8 +160,8 @@ class OneModelConfig:
             if kind.startswith("codebook") and self.codebook_dims.get(name, 0) < 1:
                 raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs codebook_dims[{name!r}] >= 1 (the width "
                                  "of its tokenizer's code vectors; onemodel train fills it from the tokenizer)")
-            if kind == "pixels" and self.value_dims.get(name, 0) < 1:
-                raise ValueError(f"input_embeddings[{name!r}] = 'pixels' needs value_dims[{name!r}] >= 1 (patch side**2 "
+            if kind.startswith("pixels") and self.value_dims.get(name, 0) < 1:
+                raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs value_dims[{name!r}] >= 1 (patch side**2 "
                                  "x channels; onemodel train fills it from the tokenizer)")
         extra = sorted(set(self.value_dims) - set(self.value_modalities))
         if extra:
@@ -177,7 +178,7 @@ class OneModelConfig:
     @property
     def value_modalities(self) -> list[str]:
         """Modalities whose inputs are pixel patches (``input_embeddings`` "pixels"), in model order."""
-        return [m.name for m in self.modalities if self.input_embeddings.get(m.name, "table") == "pixels"]
+        return [m.name for m in self.modalities if self.input_embeddings.get(m.name, "table").startswith("pixels")]
 
     @property
     def modality_names(self) -> list[str]:
@@ -374,7 +375,11 @@ class OneModel(nn.Module):
             for m in mods if m.name in cfg.codebook_modalities
         })
         # pixel-embedded inputs (config.input_embeddings "pixels"): a linear patch embedding per modality
-        self.input_patches = nn.ModuleDict({name: nn.Linear(cfg.value_dims[name], D) for name in cfg.value_modalities})
+        self.input_patches = nn.ModuleDict({
+            name: ConvPatchEmbedding(cfg.value_dims[name], D) if cfg.input_embeddings[name] == "pixels_conv"
+            else nn.Linear(cfg.value_dims[name], D)
+            for name in cfg.value_modalities
+        })
         self.enc_mod_emb = nn.Embedding(M, D)
         self.dec_mod_emb = nn.Embedding(M, D)
         pos = torch.cat([sincos_2d(m.grid_size, D) if m.is_grid else sincos_1d(m.max_length, D) for m in mods])

@@ -99,7 +99,7 @@ def input_value_dims(config: TrainConfig, modalities: tuple[Any, ...], bundle: A
     dims = dict(config.model.value_dims)
     by_name = {m.name: m for m in modalities}
     for name, kind in config.model.input_embeddings.items():
-        if kind == "pixels" and name in by_name and name not in dims:
+        if kind.startswith("pixels") and name in by_name and name not in dims:
             if name != "rgb":
                 raise ValueError(f"model.input_embeddings.{name}=pixels: only rgb can be read as pixels so far; use "
                                  "'table' or 'codebook' for other modalities")
