@@ -92,3 +92,18 @@ def test_bad_training_override_fails_before_any_stage(tmp_path: Path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="unknown demo preset"):
         run_demo(tmp_path / "out", preset="huge")
+
+
+def test_long_preset_is_the_full_demo_trained_longer(capsys):
+    """--preset long shares data and tokenizers with the default demo (its cached stages are reused) and trains the
+    same recipe 4x longer; its overrides are valid training-config keys."""
+    from training.config import load_train_config
+    from training.demo import PRESETS
+
+    full, long = PRESETS["full"], PRESETS["long"]
+    assert (full.num_train, full.grid_size, full.tokenizer_training) == (long.num_train, long.grid_size, long.tokenizer_training)
+    base = load_train_config(full.train_config, full.train_overrides)
+    cfg = load_train_config(long.train_config, long.train_overrides)
+    assert cfg.optim.max_steps == 4 * base.optim.max_steps and cfg.model == base.model
+    assert main(["demo", "--quick", "--preset", "long"]) == 2
+    assert "contradict" in capsys.readouterr().err
