@@ -598,12 +598,14 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
         say("no test split: the eval scores the validation split")
     if stop_after == "data":
         return finished()
+    from training.pretokenize import TOKEN_VERSION
+
     recommended = {m: RECOMMENDED.get((m, settings.grid_size)) for m in plan["tokenizers"]}
     tok_settings = [settings.grid_size, settings.tokenizer_training, plan["text_vocab_size"], plan["depth_range"],
                     plan["tokenizers"], settings.seed, recommended]
     stage_plan = [
         ("tokenizers", tok_settings, lambda: _stage_tokenizers(settings, plan, data_dir, paths["tokenizers"], progress)),
-        ("tokenize", [plan["augment_copies"], settings.seed],
+        ("tokenize", [plan["augment_copies"], settings.seed, TOKEN_VERSION],
          lambda: _stage_tokenize(data_dir, paths, plan, settings.seed, progress)),
         ("train", [Path(settings.train_config).read_text(), train_overrides(settings, plan, paths)],
          lambda: _stage_train(settings, plan, paths, keys["train"], progress)),

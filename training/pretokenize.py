@@ -25,9 +25,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pretokenize", "iter_token_samples", "encode_token_sample", "TOKEN_FORMAT"]
+__all__ = ["pretokenize", "iter_token_samples", "encode_token_sample", "TOKEN_FORMAT", "TOKEN_VERSION"]
 
 TOKEN_FORMAT = "onemodel-token-shards"
+TOKEN_VERSION = 2  # 2: shards carry the rgb image (pixels.rgb.png) for pixel-patch inputs
 SPLIT_NAMES = ("train", "val", "test")
 _INCOMPLETE = ".incomplete"
 
@@ -202,7 +203,7 @@ def pretokenize(
         specs = bundle.modalities({k: longest[k] for k in longest}) if "text" in bundle else bundle.modalities()
         meta = {
             "format": TOKEN_FORMAT,
-            "version": 1,
+            "version": TOKEN_VERSION,
             "bundle": str(bundle_dir.resolve()),
             "source": str(data_dir.resolve()),
             "splits": counts,
