@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pipeline import RES, _bundle  # noqa: E402  (the pipeline tests' tiny tokenizer bundle)
+from test_input_embeddings import LENGTHS, bundle, samples  # noqa: E402,F401  (fixtures: the tiny shapes bundle)
+from test_pipeline import RES  # noqa: E402
 
 from onemodel.batch import collate  # noqa: E402
 from onemodel.masking import build_sample  # noqa: E402
@@ -25,22 +26,10 @@ from onemodel.model import OneModel, OneModelConfig  # noqa: E402
 from onemodel.pipeline import OneModelPipeline  # noqa: E402
 from onemodel.pipeline_inputs import resize_rgb  # noqa: E402
 from onemodel.pixel_inputs import attach_pixels, patch_dim, patchify, pixels_key, unpatchify  # noqa: E402
-from training.data.shapes import generate_sample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-LENGTHS = {"caption": 40, "question": 16, "answer": 6, "det": 24}
-GRID = 4  # the tiny bundle's rgb tokenizer: 16x16 images (RES is resized to it), 4x4 tokens of 4x4 pixels
+GRID = 4  # the tiny bundle's rgb tokenizer: 16x16 images (the 32x32 scenes are resized to it), 4x4 tokens of 4x4 pixels
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return [generate_sample(i, resolution=RES) for i in range(30)]
-
-
-@pytest.fixture(scope="module")
-def bundle(samples):
-    return _bundle(samples)
 
 
 def _model(bundle, kind="pixels", **kw) -> OneModel:
