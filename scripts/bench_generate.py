@@ -23,11 +23,13 @@ configuration. Each row is the median over ``--repeats`` rounds (jobs run in tur
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
