@@ -204,6 +204,25 @@ def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
 # Blocks
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps ``h`` for backward and recomputes ``gelu(h)`` there, instead of
+    keeping both (autograd keeps h for the GELU and gelu(h) for the linear): one (tokens, mlp width) activation less
+    per MLP, for one extra GELU. Same gradient ops as autograd (mm / sum / gelu_backward)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_weight = g2.t().mm(F.gelu(h).reshape(-1, h.shape[-1]))
+        grad_h = torch.ops.aten.gelu_backward(grad.matmul(weight), h)
+        return grad_h, grad_weight, g2.sum(0)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
@@ -212,7 +231,13 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+        h = self.fc1(x)
+        if torch.is_grad_enabled() and h.requires_grad:  # training: GELU output recomputed in backward (less memory)
+            w, b = self.fc2.weight, self.fc2.bias
+            if w.dtype != h.dtype:  # autocast: the cast autocast would make, so _GeluLinear runs in h's dtype
+                w, b = w.to(h.dtype), b.to(h.dtype)
+            return self.drop(_GeluLinear.apply(h, w, b))
+        return self.drop(self.fc2(F.gelu(h)))
 
 
 class SelfAttention(nn.Module):

@@ -185,3 +185,27 @@ def test_gpu_check_script_tiny_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     sections = [json.loads(line)["section"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sections == ["attention", "train", "generate"]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_recomputed_gelu_gives_autograd_gradients(autocast):
+    """The training MLP keeps fc1's output instead of the GELU's (recomputed in backward): same outputs and
+    gradients, bit for bit, as plain autograd, in fp32 and under bf16 autocast."""
+    import torch.nn.functional as F
+
+    from onemodel.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 64, 0.0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    runs = []
+    for plain in (False, True):
+        mlp.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = mlp.fc2(F.gelu(mlp.fc1(x))) if plain else mlp(x)
+        (y.float() ** 2).sum().backward()
+        runs.append([y.detach(), x.grad, mlp.fc1.weight.grad, mlp.fc1.bias.grad, mlp.fc2.weight.grad, mlp.fc2.bias.grad])
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert mlp.fc2.weight.grad.dtype == torch.float32
