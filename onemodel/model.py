@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onemodel.attention import BACKENDS, AttentionMask, attention
+from onemodel.attention import BACKENDS, AttentionMask, attention, attention_fast
 from onemodel.config import from_dict, to_dict
 from onemodel.modalities import Modality, validate_modalities
 from onemodel.model_outputs import DecoderCache, EncoderOutput, ModelOutput, StaticDecoderCache
@@ -330,23 +330,14 @@ class DecoderBlock(nn.Module):
         qkv = F.linear(F.layer_norm(x, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps), sa.qkv.weight,
                        sa.qkv.bias).view(B, 3, H, D // H)
         kv_buf[:, t] = qkv[:, 1:]
-        h = _sdpa(qkv[:, :1].transpose(1, 2), kv_buf[:, : t + 1, 0].transpose(1, 2),
+        h = attention_fast(qkv[:, :1].transpose(1, 2), kv_buf[:, : t + 1, 0].transpose(1, 2),
                   kv_buf[:, : t + 1, 1].transpose(1, 2), _NO_MASK, sa.backend)
         x = x + F.linear(h.view(B, 1, D), sa.proj.weight, sa.proj.bias)  # (B, H, 1, Dh) is (B, 1, D) in memory
         q = F.linear(F.layer_norm(x, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps), ca.q.weight, ca.q.bias)
-        h = _sdpa(q.view(B, H, 1, D // H), cross_kv[0], cross_kv[1], cross_mask, ca.backend)
+        h = attention_fast(q.view(B, H, 1, D // H), cross_kv[0], cross_kv[1], cross_mask, ca.backend)
         x = x + F.linear(h.view(B, 1, D), ca.proj.weight, ca.proj.bias)
         h = F.layer_norm(x, (D,), self.norm3.weight, self.norm3.bias, self.norm3.eps)
         return x + F.linear(F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
-
-
-def _sdpa(q, k, v, mask: AttentionMask, backend: str) -> torch.Tensor:
-    """``attention`` of one decode step: straight to PyTorch's SDPA kernel when that is what ``attention`` would run
-    (fp32 / GPU ``sdpa``), skipping its shape checks; every other case goes through ``attention``."""
-    if backend != "sdpa" or (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
-        return attention(q, k, v, mask=mask, backend=backend)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
-    return out if mask.empty is None else out.masked_fill(mask.empty, 0.0)
 
 
 class CodebookEmbedding(nn.Module):

@@ -209,3 +209,17 @@ def test_mlp_recomputed_gelu_gives_autograd_gradients(autocast):
     for a, b in zip(*runs):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert mlp.fc2.weight.grad.dtype == torch.float32
+
+
+def test_attention_fast_equals_attention():
+    from onemodel.attention import AttentionMask, attention, attention_fast
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 1 if i == 0 else 7, 8, generator=g) for i in range(3))
+    keys = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    keys[1, ..., 4:] = False
+    keys[2] = False  # a row without any key: zeros
+    for mask in (AttentionMask(None), AttentionMask(keys)):
+        out = attention_fast(q, k, v, mask)
+        assert torch.equal(out, attention(q, k, v, mask=mask))
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
