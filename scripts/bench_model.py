@@ -352,6 +352,11 @@ def main(argv=None) -> int:
               f"| {rss:>28s} "
               f"| {r['first_step_s']:12.1f} | {fmt(r['speedup_vs_fourm']):>11s} | {fmt(r['speedup_vs_fourm_median']):>21s} "
               f"| {fmt(r['speedup_vs_fourm_same_compile']):>24s} |")
+    for r in rows:  # a floor: no implementation of the same FLOPs runs above the matmul peak measured in this run
+        if r["impl"] == "fourm" and not r["compiled"]:
+            r["max_speedup_same_flops"] = 1.0 / r["mfu"]
+            print(f"{r['dtype']}: the 4M-style step runs at {r['mfu']:.0%} of the {r['dtype']} matmul peak measured in this "
+                  f"run, so no implementation of the same FLOPs can be more than {1.0 / r['mfu']:.2f}x faster")
     out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
            "peak_flops": peaks, "rows": rows}
     if args.json:
