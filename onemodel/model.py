@@ -674,7 +674,7 @@ class OneModel(nn.Module):
 
         Same result as ``decode`` over the whole prefix (tests check it), at the cost of one slot: the embedding is
         a row lookup, every mask was prepared by ``new_static_cache``, each layer runs ``DecoderBlock.step`` (its
-        weights called directly), and nothing here reads a tensor value on the host.
+        weights called directly), and nothing here reads a tensor value on the host. Inference only (no dropout).
         """
         t = cache.length
         if t >= cache.max_length:
