@@ -70,6 +70,88 @@ def _hot_matmuls(model, batch: int, tokens: int):
     return run
 
 
+def compile_step(args) -> int:
+    """A static-shape version of the decode step (attention over the whole buffer with a position mask, so one graph
+    serves every slot), eager vs ``torch.compile(dynamic=False, fullgraph=True)``: compile time and ms per token."""
+    import torch.nn.functional as F
+
+    from bench_generate import reference_model
+
+    from onemodel.generation import encoder_batch
+
+    model = reference_model("cpu", torch.float32, aligned_context=False)
+    B, T, D, H = args.batch, args.tokens, 256, 4
+    rgb = torch.randint(0, 1024, (B, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        enc = model.encode(*encoder_batch(model, {"rgb": list(rgb)}, None, B, torch.device("cpu")))
+        cache = model.new_static_cache(enc, "caption", T)
+    slots = torch.arange(T)
+
+    def step(prev, t, kv):  # prev (B, 1) ids, t 0-d long tensor, kv (layers, B, T, 2, H, Dh)
+        x = F.embedding(prev, cache.tok_rows) + cache.mod_row + cache.pos_rows.index_select(0, t.view(1))
+        mask = (slots <= t)[None, None, None, :]
+        for i, blk in enumerate(model.decoder):
+            sa, ca, mlp = blk.self_attn, blk.cross_attn, blk.mlp
+            qkv = F.linear(F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6), sa.qkv.weight, sa.qkv.bias)
+            qkv = qkv.view(B, 3, H, D // H)
+            kv[i].index_copy_(1, t.view(1), qkv[:, None, 1:])
+            h = F.scaled_dot_product_attention(qkv[:, :1].transpose(1, 2), kv[i][:, :, 0].transpose(1, 2),
+                                               kv[i][:, :, 1].transpose(1, 2), attn_mask=mask)
+            x = x + F.linear(h.reshape(B, 1, D), sa.proj.weight, sa.proj.bias)
+            q = F.linear(F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6), ca.q.weight, ca.q.bias)
+            h = F.scaled_dot_product_attention(q.view(B, H, 1, D // H), *cache.cross_kv[i])
+            x = x + F.linear(h.reshape(B, 1, D), ca.proj.weight, ca.proj.bias)
+            h = F.layer_norm(x, (D,), blk.norm3.weight, blk.norm3.bias, 1e-6)
+            x = x + F.linear(F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+        x = F.layer_norm(x, (D,), model.decoder_norm.weight, model.decoder_norm.bias, 1e-6)
+        return model.logits_for(x, "caption").argmax(-1)
+
+    compiled = torch.compile(step, dynamic=False, fullgraph=True)
+    kv = torch.zeros(len(model.decoder), B, T, 2, H, D // H)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        compiled(torch.zeros(B, 1, dtype=torch.long), torch.tensor(0), kv)
+        compile_s = time.perf_counter() - t0
+        ms = {"eager": [], "compiled": []}
+        for _ in range(args.rounds):
+            for name, fn in (("eager", step), ("compiled", compiled)):
+                kv.zero_()
+                prev = torch.zeros(B, 1, dtype=torch.long)
+                t0 = time.perf_counter()
+                for t in range(T):
+                    prev = fn(prev, torch.tensor(t), kv)
+                ms[name].append(1000 * (time.perf_counter() - t0) / T)
+    print(f"static-shape decode step, batch {B}, {args.threads} thread(s): compile {compile_s:.1f} s; ms per token over "
+          f"{args.rounds} alternating rounds: " + "; ".join(f"{k} median {sorted(v)[len(v) // 2]:.2f} (best {min(v):.2f})"
+                                                         for k, v in ms.items()))
+    return 0
+
+
+def profile_maskgit(args) -> int:
+    """Self CPU time of one MaskGIT generation (onemodel, configured like 4M) by kind of op, as shares."""
+    from bench_generate import reference_model
+
+    from onemodel.generation import MaskGITSchedule, SamplingOptions, generate
+
+    model = reference_model("cpu", torch.float32, aligned_context=False)
+    cap = torch.randint(4, 1000, (args.batch, 32), generator=torch.Generator().manual_seed(0))
+    opts = SamplingOptions(temperature=1.0, schedule=MaskGITSchedule(steps=8))
+    generate(model, {"caption": cap}, ["rgb"], opts)  # warm-up
+    kinds: dict[str, float] = defaultdict(float)
+    for _ in range(args.rounds):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate(model, {"caption": cap}, ["rgb"], opts)
+        for e in prof.key_averages():
+            if e.key.startswith("aten::"):
+                kinds["gelu" if "gelu" in e.key else kind_of(e.key)] += e.self_cpu_time_total
+    total = sum(kinds.values())
+    print(f"MaskGIT caption -> rgb, batch {args.batch}, 8 steps, {args.threads} thread(s), {args.rounds} profiled runs: "
+          "share of self CPU time")
+    for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {100 * t / total:.1f}% |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -77,8 +159,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (after one warm-up round)")
     p.add_argument("--json", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="instead: a static-shape decode step, eager vs torch.compile (inductor), and its compile time")
+    p.add_argument("--maskgit", action="store_true",
+                   help="instead: where one MaskGIT image (8 steps from a 32-token caption) spends its time")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.maskgit:
+        return profile_maskgit(args)
+    if args.compile:
+        return compile_step(args)
 
     from bench_generate import reference_model
     from fourm_baseline import FourMBaseline, generation_mod_dict
