@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "AttentionMask", "BACKENDS", "available_backends", "xformers_available"]
+__all__ = ["attention", "attention_fast", "AttentionMask", "BACKENDS", "available_backends", "xformers_available"]
 
 BACKENDS = ("sdpa", "xformers", "eager")
 
@@ -207,3 +207,13 @@ def attention(
     else:
         out = _xformers(q, k, v, mask.mask, is_causal, dropout_p)
     return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "sdpa") -> torch.Tensor:
+    """``attention`` with a prepared ``AttentionMask`` (no dropout) for hot loops such as a decode step: straight to
+    PyTorch's SDPA kernel when that is what ``attention`` would run (``sdpa`` in fp32, or on GPU), without the shape
+    checks; every other case goes through ``attention``. Same result."""
+    if backend != "sdpa" or mask.is_causal or (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
+        return attention(q, k, v, mask=mask, backend=backend)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
+    return out if mask.empty is None else out.masked_fill(mask.empty, 0.0)

@@ -367,7 +367,7 @@ def _decode_sequence(
             # batch that finished meanwhile runs a few extra steps whose tokens lie past every eos: same output)
             if (device.type == "cpu" or t % 8 == 7) and bool(done.all()):
                 break
-        prev = tok.repeat(rows // batch_size, 1)
+        prev = tok if rows == batch_size else tok.repeat(rows // batch_size, 1)
     out_ids = [tokens[b, : lengths[b]].clone() for b in range(batch_size)]
     out_probs = [probs[b, : lengths[b]].clone() for b in range(batch_size)]
     kept = None

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onemodel.attention import BACKENDS, AttentionMask, attention
+from onemodel.attention import BACKENDS, AttentionMask, attention, attention_fast
 from onemodel.config import from_dict, to_dict
 from onemodel.input_embeddings import CodebookEmbedding, ConvPatchEmbedding
 from onemodel.modalities import Modality, validate_modalities
@@ -224,6 +224,25 @@ def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
 # Blocks
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps ``h`` for backward and recomputes ``gelu(h)`` there, instead of
+    keeping both (autograd keeps h for the GELU and gelu(h) for the linear): one (tokens, mlp width) activation less
+    per MLP, for one extra GELU. Same gradient ops as autograd (mm / sum / gelu_backward)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_weight = g2.t().mm(F.gelu(h).reshape(-1, h.shape[-1]))
+        grad_h = torch.ops.aten.gelu_backward(grad.matmul(weight), h)
+        return grad_h, grad_weight, g2.sum(0)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
@@ -232,7 +251,13 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+        h = self.fc1(x)
+        if torch.is_grad_enabled() and h.requires_grad:  # training: GELU output recomputed in backward (less memory)
+            w, b = self.fc2.weight, self.fc2.bias
+            if w.dtype != h.dtype:  # autocast: the cast autocast would make, so _GeluLinear runs in h's dtype
+                w, b = w.to(h.dtype), b.to(h.dtype)
+            return self.drop(_GeluLinear.apply(h, w, b))
+        return self.drop(self.fc2(F.gelu(h)))
 
 
 class SelfAttention(nn.Module):
@@ -313,18 +338,26 @@ class DecoderBlock(nn.Module):
         x = x + self.cross_attn(self.norm2(x), cross_kv, mask=cross_mask)
         return x + self.mlp(self.norm3(x)), kv
 
-    def step(self, x, k_buf, v_buf, t: int, cross_kv, cross_mask, no_mask):
-        """One new slot per row at cache row ``t``: x (B, 1, D); k_buf / v_buf (B, H, L, Dh) are written at row t
-        and attended over rows 0..t (every earlier slot of the same sequence is visible: no mask needed)."""
-        sa = self.self_attn
-        B, N, D = x.shape
-        q, k, v = (u.transpose(1, 2) for u in sa.qkv(self.norm1(x)).view(B, N, 3, sa.num_heads, D // sa.num_heads).unbind(2))
-        k_buf[:, :, t : t + N] = k
-        v_buf[:, :, t : t + N] = v
-        h = attention(q, k_buf[:, :, : t + N], v_buf[:, :, : t + N], mask=no_mask, backend=sa.backend)
-        x = x + sa.proj(h.transpose(1, 2).reshape(B, N, D))
-        x = x + self.cross_attn(self.norm2(x), cross_kv, mask=cross_mask)
-        return x + self.mlp(self.norm3(x))
+    def step(self, x, kv_buf, t: int, cross_kv, cross_mask: AttentionMask):
+        """One new slot per row at cache row ``t``: x (B, 1, D); kv_buf (B, L, 2, H, Dh) gets the slot's key and value
+        at row t (one copy) and the self-attention reads rows 0..t (strided views: every earlier slot of the same
+        sequence is visible, no mask). The same arithmetic as ``forward`` in the same order, called on the weights
+        directly (no module calls, no dropout modules, no per-call checks): a decode step is ~30 kernels per layer.
+        """
+        sa, ca, mlp = self.self_attn, self.cross_attn, self.mlp
+        B, _, D = x.shape
+        H = sa.num_heads
+        qkv = F.linear(F.layer_norm(x, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps), sa.qkv.weight,
+                       sa.qkv.bias).view(B, 3, H, D // H)
+        kv_buf[:, t] = qkv[:, 1:]
+        h = attention_fast(qkv[:, :1].transpose(1, 2), kv_buf[:, : t + 1, 0].transpose(1, 2),
+                  kv_buf[:, : t + 1, 1].transpose(1, 2), _NO_MASK, sa.backend)
+        x = x + F.linear(h.view(B, 1, D), sa.proj.weight, sa.proj.bias)  # (B, H, 1, Dh) is (B, 1, D) in memory
+        q = F.linear(F.layer_norm(x, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps), ca.q.weight, ca.q.bias)
+        h = attention_fast(q.view(B, H, 1, D // H), cross_kv[0], cross_kv[1], cross_mask, ca.backend)
+        x = x + F.linear(h.view(B, 1, D), ca.proj.weight, ca.proj.bias)
+        h = F.layer_norm(x, (D,), self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        return x + F.linear(F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -641,18 +674,17 @@ class OneModel(nn.Module):
             raise ValueError(f"max_length must be in 1..{mod.max_length} for {modality!r}, got {length}")
         states = enc_out.states
         B, H = states.shape[0], self.config.num_heads
-        Dh = self.config.dim // H
-        kv = [block.cross_attn.context_kv(states) for block in self.decoder]
+        kv = [tuple(t.contiguous() for t in block.cross_attn.context_kv(states)) for block in self.decoder]
         cross_mask = AttentionMask(self._key_padding_mask(enc_out.mask, num_queries=1))
-        buf = lambda: states.new_zeros(len(self.decoder), B, H, length, Dh)  # noqa: E731
-        off = int(self.pos_offset[m])
+        self_kv = states.new_zeros(len(self.decoder), B, length, 2, H, self.config.dim // H)
+        off, (voff, v) = int(self.pos_offset[m]), self._offsets[m]
         bias = None
         if self.aligned_proj is not None and enc_out.mod is not None:  # what aligned_context gives a sequence slot
             bias = self.aligned_proj.bias if self.aligned_proj.bias is not None else torch.zeros_like(self.start_emb[m])
         return StaticDecoderCache(
-            cross_kv=kv, cross_mask=cross_mask, self_k=buf(), self_v=buf(), modality=m,
-            vocab_offset=self._offsets[m][0], mod_row=self.dec_mod_emb.weight[m],
-            pos_rows=self.pos_table[off : off + length], start=self.start_emb[m], context_bias=bias,
+            cross_kv=kv, cross_mask=cross_mask, self_kv=self_kv, modality=m, tok_rows=self.tok_emb.weight[voff : voff + v],
+            mod_row=self.dec_mod_emb.weight[m], pos_rows=self.pos_table[off : off + length], start=self.start_emb[m],
+            context_bias=bias,
         )
 
     def decode_next(self, cache: StaticDecoderCache, prev_ids: torch.Tensor) -> torch.Tensor:
@@ -660,25 +692,24 @@ class OneModel(nn.Module):
         at slot 0) -> hidden (B, 1, D) after the final norm; the slot's keys/values are written into ``cache``.
 
         Same result as ``decode`` over the whole prefix (tests check it), at the cost of one slot: the embedding is
-        a row lookup, every mask was prepared by ``new_static_cache``, and nothing here reads a tensor value on
-        the host, so a step can be captured by ``torch.compile`` / CUDA graphs.
+        a row lookup, every mask was prepared by ``new_static_cache``, each layer runs ``DecoderBlock.step`` (its
+        weights called directly), and nothing here reads a tensor value on the host. Inference only (no dropout).
         """
         t = cache.length
         if t >= cache.max_length:
             raise ValueError(f"the cache holds {cache.max_length} slots; it is full")
-        B = cache.self_k.shape[1]
         if t == 0:
-            x = cache.start.expand(B, 1, -1)
+            x = cache.start.expand(cache.self_kv.shape[1], 1, -1)
         else:
-            x = self.tok_emb(prev_ids + cache.vocab_offset)  # (B, 1, D)
-        x = x + cache.mod_row + cache.pos_rows[t]
+            x = F.embedding(prev_ids, cache.tok_rows)  # (B, 1, D)
+        x = x + cache.mod_row + cache.pos_rows[t]  # the order of embed_targets' additions (same rounding)
         if cache.context_bias is not None:
             x = x + cache.context_bias
-        no_mask = _NO_MASK
-        for i, block in enumerate(self.decoder):
-            x = block.step(x, cache.self_k[i], cache.self_v[i], t, cache.cross_kv[i], cache.cross_mask, no_mask)
+        for block, kv_buf, cross_kv in zip(self.decoder, cache.self_kv, cache.cross_kv):
+            x = block.step(x, kv_buf, t, cross_kv, cache.cross_mask)
         cache.length = t + 1
-        return self.decoder_norm(x)
+        n = self.decoder_norm
+        return F.layer_norm(x, (x.shape[-1],), n.weight, n.bias, n.eps)
 
     def decode(self, enc_out, dec_input_ids, dec_mod, dec_pos, dec_mask, cache: DecoderCache | None = None):
         """Run the decoder over target slots -> hidden (B, Nt, D) (after the final norm).

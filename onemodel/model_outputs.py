@@ -86,15 +86,16 @@ class StaticDecoderCache:
     ``length`` and attends to rows ``0..length`` (a view of the buffer: no mask, no concatenation, no allocation of
     a growing cache, no host sync).
 
-    self_k / self_v: (layers, B, H, max_length, Dh). modality: the modality index. length: slots decoded so far.
+    self_kv: (layers, B, max_length, 2, H, Dh), keys [..., 0, :, :] and values [..., 1, :, :] of the decoded slots
+    (one copy per layer and step writes both). tok_rows: (V, D) the modality's rows of the token table.
+    modality: the modality index. length: slots decoded so far.
     """
 
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cross_mask: AttentionMask
-    self_k: torch.Tensor
-    self_v: torch.Tensor
+    self_kv: torch.Tensor
     modality: int
-    vocab_offset: int
+    tok_rows: torch.Tensor  # (V, D) token-table rows of the modality (prev ids index it directly)
     mod_row: torch.Tensor  # (D,) decoder modality embedding
     pos_rows: torch.Tensor  # (max_length, D) position embedding of slots 0..max_length-1
     start: torch.Tensor  # (D,) decoder input at position 0
@@ -103,4 +104,4 @@ class StaticDecoderCache:
 
     @property
     def max_length(self) -> int:
-        return self.self_k.shape[3]
+        return self.self_kv.shape[2]

@@ -141,6 +141,8 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
 
     compiled == "1": every encoder / decoder block of the model (OneModel or the 4M-style baseline alike) is
     wrapped with ``torch.compile`` (inductor); embeddings, masks and loss stay eager."""
+    if impl == "floor":
+        return build_floor(args, dtype)
     torch.manual_seed(0)
     device = args.device
     mods = modalities(args)
@@ -186,6 +188,44 @@ def build_variant(args, impl: str, backend: str, dtype: str, compiled: str = "0"
     label += " + compile" if compiled == "1" else ""
     info = {"impl": impl.split("-")[0], "backend": label, "dtype": dtype, "compiled": compiled == "1",
             "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters())}
+    return step, info
+
+
+def build_floor(args, dtype: str):
+    """The matrix products of one OneModel training step and nothing else (4M-matched config): every linear layer's
+    forward product, its input-gradient and weight-gradient products and its bias-gradient sum, at the step's real
+    shapes, with fused AdamW excluded, attention kernels, norms, GELU, embeddings and loss excluded. Any
+    implementation that runs the same linear layers with the same kernels needs at least this time."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    device, D = args.device, args.dim
+    F_ = 4 * D
+    batch = onemodel_batch(make_spec(args))
+    n_in, n_tgt = batch.enc_mask.sum().item(), batch.dec_mask.sum().item()
+    n_cap = int(((batch.dec_mod == 1) & batch.dec_mask).sum())
+    shapes = [(n_in, D, 3 * D), (n_in, D, D), (n_in, D, F_), (n_in, F_, D)] * args.depth  # encoder
+    shapes += [(n_tgt, D, 3 * D), (n_tgt, D, D), (n_tgt, D, D), (n_in, D, 2 * D), (n_tgt, D, D),
+               (n_tgt, D, F_), (n_tgt, F_, D)] * args.depth  # decoder (self, cross q, cross k/v, proj, MLP)
+    shapes += [(n_tgt - n_cap, D, args.grid_vocab), (n_cap, D, args.text_vocab)]  # heads
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32  # autocast runs the products in bf16: so does this
+    mats = [tuple(t.to(dt) for t in (torch.randn(m, k, device=device), torch.randn(n, k, device=device) * 0.02,
+                                      torch.zeros(n, device=device), torch.randn(m, n, device=device)))
+            for m, k, n in shapes]
+
+    def step():
+        for x, w, b, g in mats:
+            F.linear(x, w, b)  # forward
+            g.mm(w)  # input gradient
+            g.t().mm(x)  # weight gradient
+            g.sum(0)  # bias gradient
+        return torch.zeros(())
+
+    cfg = OneModelConfig(modalities=modalities(args), dim=D, encoder_depth=args.depth, decoder_depth=args.depth,
+                         num_heads=args.heads, aligned_context=False)
+    flops = OneModel(cfg).flops_per_token(args.inputs, args.targets, vocab=(args.grid_vocab + args.text_vocab) / 2)
+    info = {"impl": "floor", "backend": "linear-layer products only", "dtype": dtype, "compiled": False,
+            "flops_per_token": flops, "params": 0}
     return step, info
 
 
@@ -257,6 +297,8 @@ def variants(args) -> list[tuple[str, str, str]]:
     for dtype in args.dtypes.split(","):
         if not args.no_baseline:
             out.append(("fourm", "eager", dtype, "0"))
+        if not args.no_floor:  # the linear layers' products alone: a floor for any implementation of this step
+            out.append(("floor", "mm", dtype, "0"))
         if "sdpa" in backends:  # configured like 4M (no aligned context), next to the default configuration
             out.append(("onemodel-matched", "sdpa", dtype, "0"))
         out += [("onemodel", b, dtype, "0") for b in backends]
@@ -291,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--ablations", action="store_true", help="add OneModel with dense masks (what structured masks give)")
     p.add_argument("--no-baseline", action="store_true", help="skip the 4M-style baseline rows")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor rows (the linear layers' products alone)")
     p.add_argument("--checkpointing", action="store_true",
                    help="add OneModel with gradient checkpointing (less activation memory, one more block forward)")
     p.add_argument("--compile", action="store_true",
@@ -314,7 +357,7 @@ def main(argv=None) -> int:
     for name, row in zip(names, rows):
         row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peaks[row["dtype"]]
         row["peak_mem_mb"] = None
-        if not args.no_memory:
+        if not args.no_memory and row["impl"] != "floor":
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", ":".join(name)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
@@ -352,6 +395,19 @@ def main(argv=None) -> int:
               f"| {rss:>28s} "
               f"| {r['first_step_s']:12.1f} | {fmt(r['speedup_vs_fourm']):>11s} | {fmt(r['speedup_vs_fourm_median']):>21s} "
               f"| {fmt(r['speedup_vs_fourm_same_compile']):>24s} |")
+    for r in rows:  # floors: no implementation of the same FLOPs runs above the matmul peak measured in this run, nor
+        # (with the same kernels) faster than the linear layers' products alone, timed in the same rounds
+        if r["impl"] == "fourm" and not r["compiled"]:
+            r["max_speedup_same_flops"] = 1.0 / r["mfu"]
+            print(f"{r['dtype']}: the 4M-style step runs at {r['mfu']:.0%} of the {r['dtype']} matmul peak measured in this "
+                  f"run, so no implementation of the same FLOPs can be more than {1.0 / r['mfu']:.2f}x faster")
+            fl = [f for f in rows if f["impl"] == "floor" and f["dtype"] == r["dtype"]]
+            if fl:
+                per_round = [a / b for a, b in zip(r["ms_all"], fl[0]["ms_all"])]
+                r["max_speedup_same_products"] = statistics.median(per_round)
+                print(f"{r['dtype']}: the linear layers' products alone take {fl[0]['ms_median']:.0f} ms (median), the "
+                      f"4M-style step {r['ms_median']:.0f} ms: with the same products and kernels no step can be more than "
+                      f"{r['max_speedup_same_products']:.2f}x faster (median over rounds of 4M-style / floor)")
     out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "torch": torch.__version__,
            "peak_flops": peaks, "rows": rows}
     if args.json:

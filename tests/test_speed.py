@@ -185,3 +185,41 @@ def test_gpu_check_script_tiny_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     sections = [json.loads(line)["section"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sections == ["attention", "train", "generate"]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_recomputed_gelu_gives_autograd_gradients(autocast):
+    """The training MLP keeps fc1's output instead of the GELU's (recomputed in backward): same outputs and
+    gradients, bit for bit, as plain autograd, in fp32 and under bf16 autocast."""
+    import torch.nn.functional as F
+
+    from onemodel.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 64, 0.0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    runs = []
+    for plain in (False, True):
+        mlp.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = mlp.fc2(F.gelu(mlp.fc1(x))) if plain else mlp(x)
+        (y.float() ** 2).sum().backward()
+        runs.append([y.detach(), x.grad, mlp.fc1.weight.grad, mlp.fc1.bias.grad, mlp.fc2.weight.grad, mlp.fc2.bias.grad])
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert mlp.fc2.weight.grad.dtype == torch.float32
+
+
+def test_attention_fast_equals_attention():
+    from onemodel.attention import AttentionMask, attention, attention_fast
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 1 if i == 0 else 7, 8, generator=g) for i in range(3))
+    keys = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    keys[1, ..., 4:] = False
+    keys[2] = False  # a row without any key: zeros
+    for mask in (AttentionMask(None), AttentionMask(keys)):
+        out = attention_fast(q, k, v, mask)
+        assert torch.equal(out, attention(q, k, v, mask=mask))
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
