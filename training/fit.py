@@ -84,6 +84,7 @@ QUICK_TRAIN = [
     "optim.max_steps=30", "optim.warmup_steps=5", "optim.batch_size=16",
     "checkpoint.every=15", "logging.eval_every=15", "logging.eval_batches=1", "logging.log_every=5",
     "model.dim=64", "model.num_heads=2", "model.encoder_depth=2", "model.decoder_depth=2",
+    "num_threads=1",  # a toy model gains nothing from a second thread, and the test suite may share the cores
 ]
 QUICK_TOKENIZERS = {m: {"training.steps": 15, "training.batch_size": 4, "training.max_val_samples": 16,
                         "tokenizer.base_channels": 8, "tokenizer.codebook_size": 128}
