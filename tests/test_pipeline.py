@@ -193,6 +193,13 @@ def test_unconditional_generation(pipe):
     assert isinstance(out["caption"], str) and isinstance(out["rgb"], Image.Image)
 
 
+def test_choice_temperature_reaches_maskgit(pipe):
+    opts = pipe._options(["rgb", "depth"], {"per_target": {"depth": {"choice_temperature": 3.0}}})
+    assert opts["rgb"].schedule.choice_temperature == 2.0  # rgb's default
+    assert opts["depth"].schedule.choice_temperature == 3.0
+    assert pipe._options(["depth"], {})["depth"].schedule.choice_temperature == 0.0
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -213,6 +220,7 @@ def test_unconditional_generation(pipe):
         (lambda p, x: p.depth(x, steps=17), ValueError, "1..16"),
         (lambda p, x: p.caption(x, guidance_scale=-0.5), ValueError, "guidance_scale"),
         (lambda p, x: p.depth(x, schedule="zigzag"), ValueError, "schedule"),
+        (lambda p, x: p.depth(x, choice_temperature=-1.0), ValueError, "choice_temperature"),
         (lambda p, x: p.caption(x, tempreature=0.5), TypeError, "unknown sampling option"),
         (lambda p, x: p.caption([]), ValueError, "empty image list"),
         (lambda p, x: p.text_to_image(""), ValueError, "prompt 0 is empty"),
