@@ -377,9 +377,10 @@ def test_train_clip_resumes_exactly_and_evaluates(clip_data, tmp_path, capsys):
     from training.run_log import read_metrics
     from training.train_clip import load_clip_config, train_clip
 
-    straight = train_clip(load_clip_config(None, clip_overrides(clip_data, tmp_path / "straight")))
-    assert straight["final_step"] == 6 and "val/i2t_r1" in straight["val"]
-    cut = load_clip_config(None, clip_overrides(clip_data, tmp_path / "cut"))
+    negatives = "negatives.swap_groups=[[circle,square,triangle]]"  # the hard negatives resume exactly too
+    straight = train_clip(load_clip_config(None, clip_overrides(clip_data, tmp_path / "straight", negatives)))
+    assert straight["final_step"] == 6 and "val/i2t_r1" in straight["val"] and "val/zs_shape_acc" in straight["val"]
+    cut = load_clip_config(None, clip_overrides(clip_data, tmp_path / "cut", negatives))
     assert train_clip(cut, stop_at_step=3)["final_step"] == 3
     with pytest.raises(ValueError, match="--resume"):
         train_clip(cut)
