@@ -339,7 +339,8 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
         texts = [train_set.texts[i] for i in idx]
         negs = negative_captions(texts, range(first, first + micro), config.negatives, data_cfg.seed)
         valid = torch.tensor([n is not None for n in negs], device=accelerator.device)
-        neg_ids, neg_mask = core.tokenize([n if n is not None else t for n, t in zip(negs, texts * config.negatives.per_caption)])
+        placeholders = texts * config.negatives.per_caption  # stand-ins for captions with nothing to swap (masked)
+        neg_ids, neg_mask = core.tokenize([n if n is not None else t for n, t in zip(negs, placeholders)])
         return (*batch, neg_ids, neg_mask, valid)
 
     def evaluate_val() -> dict[str, float]:
@@ -353,7 +354,8 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
             txt = core.encode_text(val_set.texts)
             result = retrieval_metrics(img, txt, val_set.texts, scenes=val_set.scenes)
             if any(s is not None for s in val_set.scenes):  # shapes: zero-shot attributes of the single objects
-                result.update({f"zs_{k}": v for k, v in zero_shot_shapes(core, list(val_set.rgb), val_set.scenes).items()})
+                zero_shot = zero_shot_shapes(core, list(val_set.rgb), val_set.scenes)
+                result.update({f"zs_{k}": v for k, v in zero_shot.items()})
         model.train(was_training)
         return {f"val/{k}": v for k, v in result.items()}
 
