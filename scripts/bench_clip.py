@@ -2,6 +2,7 @@
 
     python scripts/bench_clip.py                       # the configs/clip_shapes.yaml model, 1 thread
     python scripts/bench_clip.py --threads 2 --batch-size 128 --steps 10 --losses clip siglip coca
+    python scripts/bench_clip.py --no-negatives        # without the config's hard-negative captions
 
 Prints one line per measurement: wall samples/s and CPU samples/s (CPU seconds of this process: on a shared
 machine, wall time depends on the other jobs; CPU time is what the work costs, and with N idle cores the wall
@@ -27,6 +28,8 @@ def main() -> int:
     parser.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip", "coca"],
                         help="coca = the CLIP loss + the CoCa captioning loss (weight 1)")
     parser.add_argument("--encode-images", type=int, default=1024, help="images for the encode benchmark")
+    parser.add_argument("--no-negatives", action="store_true",
+                        help="leave out the config's hard-negative captions (negatives.swap_groups)")
     args = parser.parse_args()
 
     import torch
@@ -34,16 +37,19 @@ def main() -> int:
     from onemodel.contrastive import ContrastiveConfig, ImageTextEncoder
     from tokenizers_mm.text import TextTokenizer
     from training.data.shapes import generate_split
+    from training.hard_negatives import negative_captions
     from training.train_clip import load_clip_config
 
     torch.set_num_threads(args.threads)
-    base = load_clip_config(args.config).model
+    train_config = load_clip_config(args.config)
+    base, negatives = train_config.model, train_config.negatives
+    use_negatives = negatives.enabled and not args.no_negatives
     samples = list(generate_split("train", max(args.batch_size, 256), resolution=base.image_size))
     texts = [s["caption"] for s in samples]
     tokenizer = TextTokenizer.train(texts, vocab_size=4096, num_sentinels=1, num_loc_bins=2)
     batch = samples[: args.batch_size]
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, image {base.image_size}px, "
-          f"config {args.config}")
+          f"config {args.config}, hard negatives: {negatives.swap_groups if use_negatives else 'none'}")
     for name in args.losses:
         overrides = {"loss": "clip" if name == "coca" else name, "coca_weight": 1.0 if name == "coca" else 0.0}
         config = ContrastiveConfig.from_dict({**base.to_dict(), **overrides})
@@ -52,11 +58,18 @@ def main() -> int:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         pixels = model.preprocess([s["rgb"] for s in batch])
-        ids, mask = model.tokenize([s["caption"] for s in batch])
+        captions = [s["caption"] for s in batch]
+        inputs = [pixels, *model.tokenize(captions)]
         for step in range(args.steps + 2):
             if step == 2:
                 t0, c0 = time.perf_counter(), time.process_time()
-            out = model(pixels, ids, mask)
+            negs = []
+            if use_negatives:  # drawn and tokenized every step, as train-clip does
+                negs = negative_captions(captions, range(step * len(captions), (step + 1) * len(captions)),
+                                         negatives, seed=0)
+                negs = [*model.tokenize([n or t for n, t in zip(negs, captions * negatives.per_caption)]),
+                        torch.tensor([n is not None for n in negs])]
+            out = model(*inputs, *negs)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
