@@ -9,7 +9,7 @@ temperature) built from a :class:`ContrastiveConfig`, or any local CLIP / SigLIP
     enc.encode_text(["a red circle"])   # (T, E) L2-normalised text embeddings
     enc.similarity(images, texts)       # (B, T) cosine similarities
     enc.zero_shot(images, ["red circle", "blue square"])   # {"labels": [best label per image], "probs": (B, L)}
-    enc.image_patch_features(images)    # (B, P, Dv) frozen patch features (CLS dropped), e.g. for a VLM
+    enc.patch_features(images)          # (B, h*w, Dv) frozen patch features on enc.patch_grid (CLS dropped)
 
 Images: one image or a list, each a PIL image, numpy array, torch tensor or file path (the rules and errors of
 ``onemodel.pipeline_inputs``); they are resized (stretched) to ``image_size`` and normalised with
@@ -194,23 +194,46 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+              negative_text_embeds: Optional[torch.Tensor] = None,
+              negative_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CLIP InfoNCE: mean of the image->text and text->image cross-entropies over ``s * <img_i, txt_j>``, where
-    ``s = exp(logit_scale)`` (clamped at 100) and the embeddings are L2-normalised; pair i matches pair i."""
+    ``s = exp(logit_scale)`` (clamped at 100) and the embeddings are L2-normalised; pair i matches pair i.
+
+    ``negative_text_embeds`` ``(M, E)``: extra texts that match no image (hard negatives, NegCLIP): they join the
+    image->text softmax of every image as more wrong answers; the text->image direction is unchanged.
+    ``negative_valid`` ``(M,)`` bool: False drops a negative (a caption with nothing to swap)."""
     scale = logit_scale.exp().clamp(max=100.0)
     logits = scale * image_embeds @ text_embeds.t()
     target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    i2t_logits = logits
+    if negative_text_embeds is not None:
+        extra = scale * image_embeds @ negative_text_embeds.t()
+        if negative_valid is not None:
+            extra = extra.masked_fill(~negative_valid.bool()[None, :], float("-inf"))
+        i2t_logits = torch.cat([logits, extra], dim=1)
+    return 0.5 * (F.cross_entropy(i2t_logits, target) + F.cross_entropy(logits.t(), target))
 
 
 def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
+                logit_bias: torch.Tensor, negative_text_embeds: Optional[torch.Tensor] = None,
+                negative_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SigLIP: ``-1/n sum_ij log sigmoid(z_ij (s <img_i, txt_j> + b))`` with ``z_ij = 1`` on the diagonal and -1
-    elsewhere, ``s = exp(logit_scale)``, ``b = logit_bias`` (Zhai et al. 2023, eq. 1)."""
+    elsewhere, ``s = exp(logit_scale)``, ``b = logit_bias`` (Zhai et al. 2023, eq. 1).
+
+    ``negative_text_embeds`` ``(M, E)``: extra texts paired with no image; every (image, negative) pair adds its
+    ``-log sigmoid(-(s <img, neg> + b))`` term (still divided by the n images). ``negative_valid`` as in
+    :func:`clip_loss`."""
     logits = logit_scale.exp() * image_embeds @ text_embeds.t() + logit_bias
     n = logits.shape[0]
     z = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(z * logits).sum() / n
+    loss = -F.logsigmoid(z * logits).sum()
+    if negative_text_embeds is not None:
+        extra = -F.logsigmoid(-(logit_scale.exp() * image_embeds @ negative_text_embeds.t() + logit_bias))
+        if negative_valid is not None:
+            extra = extra * negative_valid.to(extra.dtype)[None, :]
+        loss = loss + extra.sum()
+    return loss / n
 
 
 # ------------------------------------------------------------------------------------------------ CoCa head
@@ -461,20 +484,43 @@ class ImageTextEncoder(nn.Module):
         out = self.hf.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         return F.normalize(self.hf.text_projection(out.pooler_output), dim=-1)
 
-    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """The configured loss over the global batch (embeddings gathered over processes)."""
+    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                         negative_text_embeds: Optional[torch.Tensor] = None,
+                         negative_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The configured loss over the global batch (embeddings, and hard negatives, gathered over processes)."""
         img, txt = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+        neg = valid = None
+        if negative_text_embeds is not None:
+            neg = gather_with_grad(negative_text_embeds)
+            if negative_valid is not None:
+                valid = gather_with_grad(negative_valid.to(neg.dtype)) > 0.5
         if self.config.loss == "clip":
-            return clip_loss(img, txt, self.hf.logit_scale)
+            return clip_loss(img, txt, self.hf.logit_scale, neg, valid)
         bias = self.logit_bias if self.logit_bias is not None else self.hf.logit_bias
-        return siglip_loss(img, txt, self.hf.logit_scale, bias)
+        return siglip_loss(img, txt, self.hf.logit_scale, bias, neg, valid)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> ContrastiveOutput:
-        """One training step's losses for the aligned pairs (pixel_values[i], input_ids[i])."""
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                negative_ids: Optional[torch.Tensor] = None, negative_mask: Optional[torch.Tensor] = None,
+                negative_valid: Optional[torch.Tensor] = None) -> ContrastiveOutput:
+        """One training step's losses for the aligned pairs (pixel_values[i], input_ids[i]).
+
+        ``negative_ids`` / ``negative_mask`` ``(M, L')``: hard-negative texts (captions that match no image of the
+        batch, e.g. one word swapped), extra wrong answers of the image->text direction; ``negative_valid``
+        ``(M,)`` bool drops some of them. They go through the text tower in the same forward as the captions."""
         img, tokens = self.image_embeddings(pixel_values, return_tokens=True)
-        txt = self.text_embeddings(input_ids, attention_mask)
-        contrastive = self.contrastive_loss(img, txt)
+        neg = None
+        if negative_ids is None:
+            txt = self.text_embeddings(input_ids, attention_mask)
+        else:
+            n = input_ids.shape[0]
+            width = max(input_ids.shape[1], negative_ids.shape[1])
+            ids = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1])),
+                             F.pad(negative_ids, (0, width - negative_ids.shape[1]))])
+            mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.shape[1])),
+                              F.pad(negative_mask, (0, width - negative_mask.shape[1]))])
+            both = self.text_embeddings(ids, mask)
+            txt, neg = both[:n], both[n:]
+        contrastive = self.contrastive_loss(img, txt, neg, negative_valid)
         caption = None
         loss = contrastive
         if self.coca is not None:
@@ -515,19 +561,54 @@ class ImageTextEncoder(nn.Module):
         probs = (sims * self.hf.logit_scale.exp().clamp(max=100.0)).softmax(dim=-1)
         return {"labels": [labels[i] for i in probs.argmax(dim=-1).tolist()], "probs": probs}
 
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """``(h, w)`` of the patch grid that :meth:`patch_features` returns (``image_size // patch_size`` each)."""
+        side = self.config.image_size // self.config.patch_size
+        return side, side
+
+    @property
+    def patch_feature_dim(self) -> int:
+        """``D`` of :meth:`patch_features`: the vision tower's width."""
+        return int(self.hf.config.vision_config.hidden_size)
+
     @torch.no_grad()
-    def image_patch_features(self, images: Any, layer: int | None = None) -> torch.Tensor:
-        """Images (or normalised pixels ``(B, 3, S, S)`` float) -> ``(B, P, Dv)`` patch features of vision hidden
-        state ``layer`` (default ``config.patch_feature_layer``), CLS token dropped (CLIP; SigLIP has none)."""
+    def patch_features(self, images: Any, layer: int | None = None) -> torch.Tensor:
+        """Frozen per-patch image features: ``(B, h*w, D)`` with ``(h, w) = patch_grid`` in row-major order
+        (token ``r * w + c`` is the patch at row ``r``, column ``c``) and ``D = patch_feature_dim``.
+
+        ``images``: one image or a list (PIL / numpy / tensor / path), or already normalised pixels ``(B, 3, S, S)``
+        float. ``layer``: vision hidden state (default ``config.patch_feature_layer``; -1 = last layer before the
+        pooling norm, -2 = penultimate as in LLaVA, 0 = the patch embeddings). The CLS token (CLIP) is dropped.
+        Computed without gradients and in eval mode (the module's training flag is restored), so the result is
+        a constant input for another model: deterministic and detached."""
         if isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype.is_floating_point \
                 and images.shape[1] == 3 and images.shape[-1] == self.config.image_size:
             pixels = images.to(self.device)
         else:
             pixels = self.preprocess(images)
-        layer = self.config.patch_feature_layer if layer is None else layer
-        out = self.hf.vision_model(pixel_values=pixels, output_hidden_states=True, return_dict=True)
-        hidden = out.hidden_states[layer] if layer != -1 else out.last_hidden_state
-        return hidden[:, 1:] if self.model_type == "clip" else hidden
+        layer = self.config.patch_feature_layer if layer is None else int(layer)
+        depth = int(self.hf.config.vision_config.num_hidden_layers)
+        if not -depth - 1 <= layer <= depth:
+            raise ValueError(f"layer {layer} is out of range: the vision tower has {depth} layers "
+                             f"(0 = patch embeddings, -1 = last)")
+        was_training = self.hf.vision_model.training
+        self.hf.vision_model.eval()
+        try:
+            out = self.hf.vision_model(pixel_values=pixels, output_hidden_states=layer != -1, return_dict=True)
+        finally:
+            self.hf.vision_model.train(was_training)
+        hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        h, w = self.patch_grid
+        if hidden.shape[1] == h * w + 1:  # CLIP's class token comes first
+            hidden = hidden[:, 1:]
+        if hidden.shape[1] != h * w:
+            raise ValueError(f"the vision tower returned {hidden.shape[1]} tokens, not the {h}x{w} patch grid")
+        return hidden.detach()
+
+    def image_patch_features(self, images: Any, layer: int | None = None) -> torch.Tensor:
+        """Same as :meth:`patch_features` (the name the vision-language model code uses)."""
+        return self.patch_features(images, layer)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

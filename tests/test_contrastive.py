@@ -82,6 +82,58 @@ def test_siglip_loss_matches_hand_computation():
     assert got.item() == pytest.approx(total / 3, abs=1e-6)
 
 
+def test_losses_with_hard_negatives_match_hand_computation():
+    """One extra negative text n = e2 joins every image's image->text softmax (CLIP) or adds its -1 pairs (SigLIP);
+    an invalid negative is the same as none."""
+    img, txt, s = _hand_case()
+    neg = torch.tensor([[0.0, 1.0, 0.0]])
+    sn = [0.0, 1.0, 0.0]  # cos(img_i, n)
+    scale, bias = 2.0, -1.0
+    i2t = [-(scale * s[i][i]) + math.log(sum(math.exp(scale * s[i][j]) for j in range(3)) + math.exp(scale * sn[i]))
+           for i in range(3)]
+    t2i = [-(scale * s[j][j]) + math.log(sum(math.exp(scale * s[i][j]) for i in range(3))) for j in range(3)]
+    got = clip_loss(img, txt, torch.tensor(math.log(scale)), neg)
+    assert got.item() == pytest.approx(0.5 * (sum(i2t) / 3 + sum(t2i) / 3), abs=1e-6)
+    total = sum(-math.log(1 / (1 + math.exp(-(1.0 if i == j else -1.0) * (scale * s[i][j] + bias))))
+                for i in range(3) for j in range(3))
+    total += sum(-math.log(1 / (1 + math.exp(scale * sn[i] + bias))) for i in range(3))
+    got = siglip_loss(img, txt, torch.tensor(math.log(scale)), torch.tensor(bias), neg)
+    assert got.item() == pytest.approx(total / 3, abs=1e-6)
+    off = torch.tensor([False])
+    assert clip_loss(img, txt, torch.tensor(0.7), neg, off).item() == pytest.approx(
+        clip_loss(img, txt, torch.tensor(0.7)).item(), abs=1e-6)
+    assert siglip_loss(img, txt, torch.tensor(0.7), torch.tensor(bias), neg, off).item() == pytest.approx(
+        siglip_loss(img, txt, torch.tensor(0.7), torch.tensor(bias)).item(), abs=1e-6)
+
+
+def test_swapped_word_negatives():
+    from training.hard_negatives import HardNegativeConfig, negative_captions, swap_word
+
+    groups = [["circle", "square", "triangle"]]
+    text = "a picture of a small red circle and a large blue square. the red circle is left of the blue square."
+    seen = set()
+    for seed in range(40):
+        out = swap_word(text, groups, np.random.default_rng(seed))
+        assert out != text and len(out.split()) == len(text.split())
+        changed = [(a, b) for a, b in zip(text.split(), out.split()) if a != b]
+        # one noun phrase changed, everywhere it occurs: "red circle" twice or "blue square" twice
+        assert len(changed) == 2 and changed[0] == changed[1], out
+        assert changed[0][1].rstrip(".") in {"circle", "square", "triangle"}
+        seen.add(out)
+    assert len(seen) == 4  # red circle -> square / triangle, blue square -> circle / triangle
+    assert swap_word("no shapes at all", groups, np.random.default_rng(0)) is None
+    config = HardNegativeConfig(swap_groups=groups, per_caption=2)
+    texts = [text, "there is a large white triangle.", "nothing here"]
+    negs = negative_captions(texts, [10, 11, 12], config, seed=3)
+    assert len(negs) == 6 and negs[2] is None and negs[5] is None
+    assert negs == negative_captions(texts, [10, 11, 12], config, seed=3)  # a pure function of (seed, position)
+    assert negs[1] == negative_captions(texts[1:2], [11], config, seed=3)[0]
+    with pytest.raises(ValueError, match="swap_groups"):
+        HardNegativeConfig(swap_groups=[["circle"]])
+    with pytest.raises(ValueError, match="two groups"):
+        HardNegativeConfig(swap_groups=[["red", "blue"], ["blue", "green"]])
+
+
 # ------------------------------------------------------------------------------------------------ model
 
 
@@ -131,6 +183,29 @@ def test_save_load_gives_identical_embeddings_and_clip_vision_model_loads(tokeni
     feats = loaded.image_patch_features(images)
     assert feats.shape == (5, 16, 32)
     assert torch.allclose(feats, ref, atol=1e-6)
+
+
+def test_patch_features_are_a_frozen_row_major_grid(tokenizer, scenes):
+    model = tiny_encoder(tokenizer, image_size=32, patch_size=8)
+    model.train()
+    images = [s["rgb"] for s in scenes[:3]]
+    assert model.patch_grid == (4, 4) and model.patch_feature_dim == 32
+    feats = model.patch_features(images)
+    assert feats.shape == (3, 16, 32) and not feats.requires_grad and feats.grad_fn is None
+    assert model.training  # the training flag is restored
+    assert torch.equal(feats, model.patch_features(images))  # deterministic
+    assert all(p.grad is None for p in model.parameters())
+    # token r * w + c is patch (row r, column c): at layer 0 (patch embeddings) a change in the pixels of patch
+    # (2, 1) changes that token only
+    pixels = model.preprocess(images[:1])
+    base = model.patch_features(pixels, layer=0)
+    pixels[:, :, 16:24, 8:16] += 1.0
+    changed = (model.patch_features(pixels, layer=0) - base).abs().amax(-1)[0]
+    assert changed.nonzero().flatten().tolist() == [2 * 4 + 1]
+    assert torch.equal(model.patch_features(images, layer=-1), feats)
+    assert model.patch_features(images, layer=-2).shape == (3, 16, 32)
+    with pytest.raises(ValueError, match="layer 5 is out of range"):
+        model.patch_features(images, layer=5)
 
 
 def test_transformers_clip_checkpoint_loads_with_the_same_embeddings(tokenizer, scenes, tmp_path):
@@ -225,10 +300,10 @@ def _rank_grads(rank: int, world: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = []
-    for model, pixels, ids, mask in torch.load(path + ".inputs.pt", weights_only=False):
+    for model, pixels, ids, mask, nids, nmask, nvalid in torch.load(path + ".inputs.pt", weights_only=False):
         n = pixels.shape[0] // world
         part = slice(rank * n, (rank + 1) * n)
-        out = model(pixels[part], ids[part], mask[part])
+        out = model(pixels[part], ids[part], mask[part], nids[part], nmask[part], nvalid[part])
         out.loss.backward()
         grads = _grads(model)
         for g in grads.values():  # what DistributedDataParallel does: average over processes
@@ -243,20 +318,27 @@ def _rank_grads(rank: int, world: int, port: int, path: str) -> None:
 
 def test_two_processes_see_the_global_batch(tokenizer, scenes, tmp_path):
     """2 gloo processes x 4 samples (embeddings gathered) == 1 process x 8 samples: same loss, same gradients,
-    for the CLIP and the SigLIP loss (with the CoCa term)."""
+    for the CLIP and the SigLIP loss (with the CoCa term and hard negatives, one of them invalid)."""
     import torch.multiprocessing as mp
 
+    from training.hard_negatives import HardNegativeConfig, negative_captions
+
     batch = scenes[:8]
+    texts = [s["caption"] for s in batch]
+    negs = negative_captions(texts, range(8), HardNegativeConfig([["circle", "square", "triangle"]]), seed=0)
+    negs[5] = None
     inputs, want = [], []
     for loss in ("clip", "siglip"):
         model = tiny_encoder(tokenizer, loss=loss, coca_weight=0.3, coca_width=32, coca_heads=2, coca_layers=1)
         pixels = model.preprocess([s["rgb"] for s in batch])
-        ids, mask = model.tokenize([s["caption"] for s in batch])
-        out = model(pixels, ids, mask)
+        ids, mask = model.tokenize(texts)
+        nids, nmask = model.tokenize([n or t for n, t in zip(negs, texts)])
+        nvalid = torch.tensor([n is not None for n in negs])
+        out = model(pixels, ids, mask, nids, nmask, nvalid)
         out.loss.backward()
         want.append((out.contrastive_loss.item(), _grads(model)))
         model.zero_grad(set_to_none=True)
-        inputs.append((model, pixels, ids, mask))
+        inputs.append((model, pixels, ids, mask, nids, nmask, nvalid))
     path = str(tmp_path / "rank0.pt")
     torch.save(inputs, path + ".inputs.pt")
     mp.spawn(_rank_grads, args=(2, _free_port(), path), nprocs=2, join=True)

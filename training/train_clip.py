@@ -47,6 +47,7 @@ import numpy as np
 from onemodel.config import apply_overrides, from_dict, load_config_file, to_dict
 from onemodel.contrastive import ContrastiveConfig
 from training.config import CheckpointConfig, LoggingConfig, OptimConfig
+from training.hard_negatives import HardNegativeConfig
 
 logger = logging.getLogger("training.train_clip")
 
@@ -79,10 +80,12 @@ class ClipDataConfig:
 @dataclass
 class ClipTrainConfig:
     """Everything one contrastive run needs (strict: unknown keys are refused). ``optim``, ``checkpoint`` and
-    ``logging`` are the sections of ``onemodel train`` (``eval_every``: held-out retrieval every N steps)."""
+    ``logging`` are the sections of ``onemodel train`` (``eval_every``: held-out retrieval every N steps);
+    ``negatives``: hard-negative captions (``training/hard_negatives.py``)."""
 
     model: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
     tokenizer: str = ""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.1, betas=[0.9, 0.98],
                                                                    warmup_steps=50, max_steps=1000, batch_size=128))
@@ -258,7 +261,8 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
 
     from onemodel.contrastive import ImageTextEncoder
     from training.checkpointing import latest_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
-    from training.evaluation.contrastive import retrieval_metrics
+    from training.evaluation.contrastive import retrieval_metrics, zero_shot_shapes
+    from training.hard_negatives import negative_captions
     from training.run_log import MetricsLog
     from training.train import lr_at, param_groups
 
@@ -323,12 +327,20 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
     all_ids, all_mask = all_ids.cpu(), all_mask.cpu()
     rank = accelerator.process_index
 
-    def batch_at(step: int) -> tuple[Any, Any, Any]:
-        idx = sample_indices(data_cfg.seed, len(train_set), step * optim.batch_size + rank * micro, micro)
+    def batch_at(step: int) -> tuple[Any, ...]:
+        first = step * optim.batch_size + rank * micro
+        idx = sample_indices(data_cfg.seed, len(train_set), first, micro)
         mask = all_mask[idx]
         width = int(mask.sum(1).max())
         pixels = core.normalize(torch.from_numpy(train_set.rgb[idx]))
-        return pixels, all_ids[idx, :width].to(accelerator.device), mask[:, :width].to(accelerator.device)
+        batch = (pixels, all_ids[idx, :width].to(accelerator.device), mask[:, :width].to(accelerator.device))
+        if not config.negatives.enabled:
+            return batch
+        texts = [train_set.texts[i] for i in idx]
+        negs = negative_captions(texts, range(first, first + micro), config.negatives, data_cfg.seed)
+        valid = torch.tensor([n is not None for n in negs], device=accelerator.device)
+        neg_ids, neg_mask = core.tokenize([n if n is not None else t for n, t in zip(negs, texts * config.negatives.per_caption)])
+        return (*batch, neg_ids, neg_mask, valid)
 
     def evaluate_val() -> dict[str, float]:
         if val_set is None or not accelerator.is_main_process:
@@ -339,8 +351,10 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
             img = torch.cat([core.image_embeddings(core.normalize(torch.from_numpy(val_set.rgb[i:i + 256])))
                              for i in range(0, len(val_set), 256)])
             txt = core.encode_text(val_set.texts)
+            result = retrieval_metrics(img, txt, val_set.texts, scenes=val_set.scenes)
+            if any(s is not None for s in val_set.scenes):  # shapes: zero-shot attributes of the single objects
+                result.update({f"zs_{k}": v for k, v in zero_shot_shapes(core, list(val_set.rgb), val_set.scenes).items()})
         model.train(was_training)
-        result = retrieval_metrics(img, txt, val_set.texts, scenes=val_set.scenes)
         return {f"val/{k}": v for k, v in result.items()}
 
     def checkpoint_now(step: int) -> None:
@@ -363,8 +377,7 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
         lr = lr_at(step, optim.lr, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        pixels, ids, mask = batch_at(step)
-        out = model(pixels, ids, mask)
+        out = model(*batch_at(step))
         accelerator.backward(out.loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip > 0 else None
         optimizer.step()
@@ -397,8 +410,10 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
             if metrics and val_result:
                 metrics.log(done, {"time": time.perf_counter() - t_start, **val_result})
             if show_bar and val_result:
+                zs = (f", zero-shot colour {val_result['val/zs_color_acc']:.3f} shape "
+                      f"{val_result['val/zs_shape_acc']:.3f}" if "val/zs_shape_acc" in val_result else "")
                 bar.write(f"step {done}: val i2t R@1 {val_result['val/i2t_r1']:.3f}, t2i R@1 "
-                          f"{val_result['val/t2i_r1']:.3f}")
+                          f"{val_result['val/t2i_r1']:.3f}{zs}")
             t_last = time.perf_counter()  # evaluation time is not training throughput
         if done in (optim.max_steps, end_step) or (ckpt_cfg.every and done % ckpt_cfg.every == 0):
             checkpoint_now(done)
