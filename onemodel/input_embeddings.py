@@ -103,6 +103,10 @@ def feature_encoder_spec(encoder: Any) -> dict[str, Any]:
 def check_feature_spec(name: str, spec: Any, grid_size: int) -> None:
     """One clear ``ValueError`` when ``spec`` (a :func:`feature_encoder_spec`) cannot feed modality ``name``'s grid."""
     where = f"feature_encoders[{name!r}]"
+    if spec is None:
+        raise ValueError(f"input_embeddings[{name!r}] = 'pixels_clip' needs {where}: in a training config, the "
+                         "directory of a contrastive encoder (onemodel train-clip's OUT/model), e.g. "
+                         f"model.feature_encoders={{{name}: runs/clip_shapes/model}}")
     if isinstance(spec, str):
         raise ValueError(f"{where} is {spec!r}, a directory: OneModelConfig needs the encoder's description "
                          "(onemodel.input_embeddings.feature_encoder_spec(encoder)); onemodel train makes it from the "

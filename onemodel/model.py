@@ -170,12 +170,8 @@ class OneModelConfig:
             if kind.startswith("pixels") and self.value_dims.get(name, 0) < 1:
                 raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs value_dims[{name!r}] >= 1 (patch side**2 "
                                  "x channels; onemodel train fills it from the tokenizer)")
-            if kind == "pixels_clip":
-                if name not in self.feature_encoders:
-                    raise ValueError(f"input_embeddings[{name!r}] = 'pixels_clip' needs feature_encoders[{name!r}]: in a "
-                                     "training config, the directory of a contrastive encoder (onemodel train-clip's "
-                                     f"OUT/model), e.g. model.feature_encoders={{{name}: runs/clip_shapes/model}}")
-                check_feature_spec(name, self.feature_encoders[name], by_name[name].grid_size)
+            if kind == "pixels_clip":  # the frozen tower's description: present, and on the token grid
+                check_feature_spec(name, self.feature_encoders.get(name), by_name[name].grid_size)
         extra = sorted(set(self.feature_encoders) - {n for n, k in self.input_embeddings.items() if k == "pixels_clip"})
         if extra:
             raise ValueError(f"feature_encoders names {extra}, which input_embeddings does not read as 'pixels_clip'")
