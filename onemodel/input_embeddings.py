@@ -3,16 +3,21 @@
 - ``CodebookEmbedding``: a grid modality's token ids embedded through its tokenizer's code vectors (frozen or
   fine-tuned) and a learned linear map (issue 12: a table learned from scratch over-fits on little data).
 - Pixel patches: ``"pixels"`` uses a plain ``nn.Linear`` patch embedding (4M's ``rgb@224``), ``"pixels_conv"`` the
-  ``ConvPatchEmbedding`` stem; both live in ``OneModel.input_patches``; the patches are cut by
-  ``onemodel.pixel_inputs``.
+  ``ConvPatchEmbedding`` stem, ``"pixels_clip"`` the frozen vision tower of a contrastive image-text encoder
+  (``FrozenFeatureEmbedding``, 4M-21's CLIP-feature input); all live in ``OneModel.input_patches``; the patches
+  are cut by ``onemodel.pixel_inputs``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CodebookEmbedding", "ConvPatchEmbedding"]
+__all__ = ["CodebookEmbedding", "ConvPatchEmbedding", "FrozenFeatureEmbedding", "feature_encoder_spec",
+           "check_feature_spec"]
 
 
 class CodebookEmbedding(nn.Module):
@@ -81,3 +86,119 @@ class ConvPatchEmbedding(nn.Module):
         images = values.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
         out = self.stem(images)  # (B, D, g, g)
         return out.flatten(2).transpose(1, 2)  # (B, N, D) row-major, as the token grid
+
+
+def feature_encoder_spec(encoder: Any) -> dict[str, Any]:
+    """What a OneModel needs to rebuild the vision tower of ``encoder`` (an ``onemodel.contrastive.ImageTextEncoder``)
+    without its directory: ``{"vision_config": transformers vision config (non-default fields + model_type),
+    "image_mean", "image_std": its pixel normalisation, "layer": the hidden state used}`` (JSON; stored in
+    ``OneModelConfig.feature_encoders``, the weights in ``model.safetensors``)."""
+    vision = encoder.hf.config.vision_config.to_diff_dict()
+    vision.pop("transformers_version", None)
+    vision["model_type"] = encoder.hf.config.vision_config.model_type
+    return {"vision_config": vision, "image_mean": [float(v) for v in encoder.config.image_mean],
+            "image_std": [float(v) for v in encoder.config.image_std], "layer": int(encoder.config.patch_feature_layer)}
+
+
+def check_feature_spec(name: str, spec: Any, grid_size: int) -> None:
+    """One clear ``ValueError`` when ``spec`` (a :func:`feature_encoder_spec`) cannot feed modality ``name``'s grid."""
+    where = f"feature_encoders[{name!r}]"
+    if spec is None:
+        raise ValueError(f"input_embeddings[{name!r}] = 'pixels_clip' needs {where}: in a training config, the "
+                         "directory of a contrastive encoder (onemodel train-clip's OUT/model), e.g. "
+                         f"model.feature_encoders={{{name}: runs/clip_shapes/model}}")
+    if isinstance(spec, str):
+        raise ValueError(f"{where} is {spec!r}, a directory: OneModelConfig needs the encoder's description "
+                         "(onemodel.input_embeddings.feature_encoder_spec(encoder)); onemodel train makes it from the "
+                         "directory given as model.feature_encoders")
+    if not isinstance(spec, dict) or set(spec) != {"vision_config", "image_mean", "image_std", "layer"}:
+        raise ValueError(f"{where} must be a dict with vision_config, image_mean, image_std and layer "
+                         "(see onemodel.input_embeddings.feature_encoder_spec)")
+    vision = spec["vision_config"]
+    if not isinstance(vision, dict) or "model_type" not in vision:
+        raise ValueError(f"{where}.vision_config must be a transformers vision config dict with a model_type")
+    if len(spec["image_mean"]) != 3 or len(spec["image_std"]) != 3 or min(spec["image_std"]) <= 0:
+        raise ValueError(f"{where}: image_mean and image_std need 3 values (std > 0)")
+    size, patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
+    if size % patch or size // patch != grid_size:
+        raise ValueError(f"the contrastive encoder's patch grid ({size}px / patch {patch} = {size // patch}x"
+                         f"{size // patch}) differs from {name!r}'s {grid_size}x{grid_size} token grid: its features "
+                         f"cannot stand in for the tokens; train the encoder with model.image_size / model.patch_size "
+                         f"giving a {grid_size}x{grid_size} grid")
+
+
+class FrozenFeatureEmbedding(nn.Module):
+    """Pixel patches -> the frozen patch features of a contrastive encoder's vision tower -> a learned projection
+    (``input_embeddings`` "pixels_clip"; 4M-21 feeds CLIP features to its model this way).
+
+    The patches of a sample are put back into its image ([-1, 1] -> [0, 1]), resized to the tower's image size if
+    it differs, normalised with the encoder's own mean / std and run through the vision tower (a transformers
+    ``CLIPVisionModel`` / ``SiglipVisionModel`` built from ``spec["vision_config"]``) without gradients and in
+    eval mode; the hidden state ``spec["layer"]`` (-1: last, as ``ImageTextEncoder.patch_features``) minus the
+    class token gives one feature per patch, in the token grid's row-major order; a LayerNorm and a Linear(Dv, D)
+    (the only trained parameters) map it to the model width. The tower's parameters have ``requires_grad=False``,
+    so the optimizer holds no state for them; they are saved with the model, so a saved model loads without the
+    encoder's directory. ``load_encoder(encoder)`` copies the weights of a trained ``ImageTextEncoder`` in.
+
+    values (B, N, F) with N = g * g and F = P * P * 3 -> (B, N, D).
+    """
+
+    def __init__(self, spec: dict[str, Any], patch_dim: int, grid_size: int, dim: int) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        check_feature_spec("input", spec, grid_size)
+        vision = dict(spec["vision_config"])
+        config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+        self.tower = AutoModel.from_config(config)
+        self.tower.requires_grad_(False)
+        self.tower.eval()
+        side = round((patch_dim / 3) ** 0.5)
+        if side * side * 3 != patch_dim:
+            raise ValueError(f"pixels_clip needs square rgb patches; a patch row of {patch_dim} values is not one")
+        self.grid, self.patch, self.layer = grid_size, side, int(spec["layer"])
+        self.image_size = int(config.image_size)
+        self.register_buffer("mean", torch.tensor(spec["image_mean"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec["image_std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.norm = nn.LayerNorm(int(config.hidden_size))
+        self.linear = nn.Linear(int(config.hidden_size), dim)
+
+    @property
+    def in_features(self) -> int:
+        return self.patch * self.patch * 3
+
+    def train(self, mode: bool = True) -> "FrozenFeatureEmbedding":
+        super().train(mode)
+        self.tower.eval()  # frozen: never in training mode (no dropout)
+        return self
+
+    def load_encoder(self, encoder: Any) -> None:
+        """Copy the vision tower weights of ``encoder`` (an ``ImageTextEncoder`` whose ``feature_encoder_spec``
+        built this module); a different architecture fails with the mismatching names."""
+        try:
+            self.tower.load_state_dict(encoder.hf.vision_model.state_dict(), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"the encoder's vision tower does not match this model's pixels_clip input: "
+                             f"{str(err).splitlines()[0]}") from err
+
+    def features(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) patches -> (B, N, Dv) frozen tower features (detached, float32)."""
+        B, N, _ = values.shape
+        g, p = self.grid, self.patch
+        if N != g * g:
+            raise ValueError(f"pixels_clip expects {g * g} patches per image, got {N}")
+        image = values.float().view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
+        image = (image + 1.0) * 0.5
+        if image.shape[-1] != self.image_size:
+            image = F.interpolate(image, size=(self.image_size, self.image_size), mode="bilinear",
+                                  align_corners=False, antialias=True)
+        pixels = (image - self.mean) / self.std
+        with torch.no_grad():
+            out = self.tower(pixel_values=pixels, output_hidden_states=self.layer != -1, return_dict=True)
+            hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+        if hidden.shape[1] == N + 1:  # CLIP's class token comes first
+            hidden = hidden[:, 1:]
+        return hidden.detach().float()
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(self.features(values)))

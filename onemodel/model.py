@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from onemodel.attention import BACKENDS, AttentionMask
 from onemodel.blocks import MLP, NO_MASK, CrossAttention, DecoderBlock, EncoderBlock, SelfAttention  # noqa: F401
 from onemodel.config import from_dict, to_dict
-from onemodel.input_embeddings import CodebookEmbedding, ConvPatchEmbedding
+from onemodel.input_embeddings import CodebookEmbedding, ConvPatchEmbedding, FrozenFeatureEmbedding, check_feature_spec
 from onemodel.modalities import Modality, validate_modalities
 from onemodel.model_outputs import DecoderCache, EncoderOutput, ModelOutput, StaticDecoderCache
 
@@ -45,7 +45,7 @@ __all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "Decode
 logger = logging.getLogger(__name__)
 
 # how a modality's input tokens are embedded (OneModelConfig.input_embeddings)
-INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv")
+INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv", "pixels_clip")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,10 +89,16 @@ class OneModelConfig:
         patch per grid slot) through a linear patch embedding, as 4M's ``rgb@224``; its tokens stay the target,
         and input slots of a sample that has no pixels (the decoded-so-far tokens of MaskGIT) use the token table.
         "pixels_conv": the same, through a small convolutional stem over the image (``ConvPatchEmbedding``).
+        "pixels_clip": the same pixels through the frozen vision tower of a contrastive encoder
+        (``onemodel.contrastive``) and a learned projection (``FrozenFeatureEmbedding``; needs ``feature_encoders``).
     codebook_dims: width of the code vectors of each codebook-embedded modality (filled from the tokenizer by
         ``onemodel train``; the vectors are saved with the model, ``set_input_codebook`` loads them).
     value_dims: width F of one input patch row of each pixel-embedded modality (P * P * channels; filled from the
         tokenizer's image and grid size by ``onemodel train``).
+    feature_encoders: the frozen vision tower of each "pixels_clip" modality, name -> ``feature_encoder_spec(encoder)``
+        (transformers vision config + pixel normalisation + layer; ``onemodel train`` makes it from the encoder
+        directory named in the training config); its weights are saved in ``model.safetensors``. Its patch grid
+        must equal the modality's token grid.
     """
 
     modalities: tuple[Modality, ...]
@@ -114,6 +120,7 @@ class OneModelConfig:
     input_embeddings: dict[str, str] = field(default_factory=dict)
     codebook_dims: dict[str, int] = field(default_factory=dict)
     value_dims: dict[str, int] = field(default_factory=dict)
+    feature_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.modalities, (str, bytes)) or not isinstance(self.modalities, (list, tuple)):
@@ -147,7 +154,7 @@ class OneModelConfig:
         if self.init not in ("xavier", "trunc_normal"):
             raise ValueError(f"init must be 'xavier' or 'trunc_normal', got {self.init!r}")
         self.input_embeddings, self.codebook_dims = dict(self.input_embeddings), dict(self.codebook_dims)
-        self.value_dims = dict(self.value_dims)
+        self.value_dims, self.feature_encoders = dict(self.value_dims), dict(self.feature_encoders)
         by_name = {m.name: m for m in self.modalities}
         for name, kind in self.input_embeddings.items():
             if name not in by_name:
@@ -164,6 +171,11 @@ class OneModelConfig:
             if kind.startswith("pixels") and self.value_dims.get(name, 0) < 1:
                 raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs value_dims[{name!r}] >= 1 (patch side**2 "
                                  "x channels; onemodel train fills it from the tokenizer)")
+            if kind == "pixels_clip":  # the frozen tower's description: present, and on the token grid
+                check_feature_spec(name, self.feature_encoders.get(name), by_name[name].grid_size)
+        extra = sorted(set(self.feature_encoders) - {n for n, k in self.input_embeddings.items() if k == "pixels_clip"})
+        if extra:
+            raise ValueError(f"feature_encoders names {extra}, which input_embeddings does not read as 'pixels_clip'")
         extra = sorted(set(self.value_dims) - set(self.value_modalities))
         if extra:
             raise ValueError(f"value_dims names {extra}, which input_embeddings does not embed from pixels")
@@ -269,11 +281,7 @@ class OneModel(nn.Module):
             for m in mods if m.name in cfg.codebook_modalities
         })
         # pixel-embedded inputs (config.input_embeddings "pixels"): a linear patch embedding per modality
-        self.input_patches = nn.ModuleDict({
-            name: ConvPatchEmbedding(cfg.value_dims[name], D) if cfg.input_embeddings[name] == "pixels_conv"
-            else nn.Linear(cfg.value_dims[name], D)
-            for name in cfg.value_modalities
-        })
+        self.input_patches = nn.ModuleDict({name: self._patch_embedding(name) for name in cfg.value_modalities})
         self.enc_mod_emb = nn.Embedding(M, D)
         self.dec_mod_emb = nn.Embedding(M, D)
         pos = torch.cat([sincos_2d(m.grid_size, D) if m.is_grid else sincos_1d(m.max_length, D) for m in mods])
@@ -296,6 +304,15 @@ class OneModel(nn.Module):
         self._offsets = [(int(o), int(v)) for o, v in zip(self.vocab_offset, vocab)]  # python copy for slicing
         self.reset_parameters()
 
+    def _patch_embedding(self, name: str) -> nn.Module:
+        cfg, kind, dim = self.config, self.config.input_embeddings[name], self.config.value_dims[name]
+        if kind == "pixels_conv":
+            return ConvPatchEmbedding(dim, cfg.dim)
+        if kind == "pixels_clip":
+            grid = cfg.modalities[cfg.modality_index(name)].grid_size
+            return FrozenFeatureEmbedding(cfg.feature_encoders[name], dim, grid, cfg.dim)
+        return nn.Linear(dim, cfg.dim)
+
     # ---------------------------------------------------------------------------------------------- init
     def reset_parameters(self) -> None:
         """Init (``init`` in the config): "xavier" (default): xavier-uniform linear layers (as MAE / 4M), with the
@@ -309,7 +326,11 @@ class OneModel(nn.Module):
         LayerNorm 1 / 0; biases 0."""
         cfg = self.config
         std = cfg.init_std
+        frozen = {id(m) for e in self.input_patches.values() if isinstance(e, FrozenFeatureEmbedding)
+                  for m in e.tower.modules()}  # pretrained towers keep their weights
         for name, module in self.named_modules():
+            if id(module) in frozen:
+                continue
             if isinstance(module, nn.Linear):
                 if cfg.init == "xavier" and name.endswith((".proj", ".fc2")):
                     nn.init.zeros_(module.weight)  # residual branches start at zero: every block starts as identity

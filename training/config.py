@@ -60,6 +60,9 @@ class ModelSection:
     input_embeddings: dict[str, str] = field(default_factory=dict)
     codebook_dims: dict[str, int] = field(default_factory=dict)  # left empty: read from the tokenizers
     value_dims: dict[str, int] = field(default_factory=dict)  # {rgb: pixels}: patch width, left empty: from the tokenizer
+    # {rgb: pixels_clip}: the contrastive encoder whose frozen vision tower reads rgb, e.g. {rgb: runs/clip_shapes/model}
+    # (a directory written by onemodel train-clip; its weights are copied into the model at build)
+    feature_encoders: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False  # recompute block activations in backward (training-only, not saved)
     # Not OneModelConfig fields: max tokens (eos included) of each sequence modality, e.g. {caption: 48}; names left
     # out take the longest sequence recorded in the token shards' meta.json (the bundle defaults for raw data).

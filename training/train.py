@@ -107,6 +107,27 @@ def input_value_dims(config: TrainConfig, modalities: tuple[Any, ...], bundle: A
     return dims
 
 
+def input_feature_encoders(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``feature_encoders`` of the model and the encoders to copy weights from: each entry of
+    ``model.feature_encoders`` that names a directory (an ``ImageTextEncoder``, e.g. ``onemodel train-clip``'s
+    OUT/model) is loaded and described by ``feature_encoder_spec``; entries already given as specs stay."""
+    from onemodel.input_embeddings import feature_encoder_spec
+
+    specs, encoders = {}, {}
+    for name, value in config.model.feature_encoders.items():
+        if not isinstance(value, str):
+            specs[name] = value
+            continue
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(f"model.feature_encoders.{name}={value!r} is not a contrastive encoder directory (no "
+                             "config.json): pass the OUT/model directory written by onemodel train-clip")
+        from onemodel.contrastive import ImageTextEncoder
+
+        encoders[name] = ImageTextEncoder.from_pretrained(value)
+        specs[name] = feature_encoder_spec(encoders[name])
+    return specs, encoders
+
+
 def model_modalities(config: TrainConfig, bundle: Any) -> tuple[Any, ...]:
     """The model's modalities: one per tokenizer of the bundle (grid) and the text sequence modalities, with
     ``max_length`` = ``model.max_lengths`` where given, else the longest sequence recorded by pre-tokenization
@@ -270,6 +291,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     model_kwargs = {k: v for k, v in config.model.__dict__.items() if k not in training_only}
     model_kwargs["codebook_dims"] = input_codebook_dims(config, modalities, bundle)
     model_kwargs["value_dims"] = input_value_dims(config, modalities, bundle)
+    model_kwargs["feature_encoders"], feature_encoders = input_feature_encoders(config)
     model_config = OneModelConfig(modalities=modalities, **model_kwargs)
 
     # ---- data (every process holds the shard sets in memory; each reads its own part of the stream)
@@ -292,6 +314,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     model = OneModel(model_config)
     for name in model_config.codebook_modalities:  # codebook-embedded inputs: the tokenizer's code vectors
         model.set_input_codebook(name, bundle[next(m for m in modalities if m.name == name).tokenizer].code_vectors())
+    for name, encoder in feature_encoders.items():  # pixels_clip inputs: the contrastive encoder's frozen tower
+        model.input_patches[name].load_encoder(encoder)
+    del feature_encoders
     model.gradient_checkpointing = config.model.gradient_checkpointing
     n_params = model.num_params()
     # fused AdamW: one kernel for all parameters (CPU and CUDA, torch >= 2.4)
