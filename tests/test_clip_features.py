@@ -16,22 +16,18 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pipeline import RES, _bundle  # noqa: E402  (the pipeline tests' tiny tokenizer bundle)
+from test_input_embeddings import LENGTHS, bundle, overfit_batch, samples  # noqa: E402,F401  (fixtures, helper)
 
-from onemodel.batch import collate  # noqa: E402
 from onemodel.contrastive import ContrastiveConfig, ImageTextEncoder  # noqa: E402
 from onemodel.input_embeddings import FrozenFeatureEmbedding, feature_encoder_spec  # noqa: E402
-from onemodel.masking import build_sample  # noqa: E402
 from onemodel.modalities import Modality  # noqa: E402
 from onemodel.model import OneModel, OneModelConfig  # noqa: E402
 from onemodel.pipeline import OneModelPipeline  # noqa: E402
 from onemodel.pipeline_inputs import resize_rgb  # noqa: E402
 from onemodel.pixel_inputs import patch_dim, patchify  # noqa: E402
-from training.data.shapes import generate_sample  # noqa: E402
 from training.train import param_groups  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-LENGTHS = {"caption": 40, "question": 16, "answer": 6, "det": 24}
 GRID, SIZE = 4, 16  # the tiny bundle's rgb tokenizer: 16x16 images, 4x4 tokens of 4x4 pixels
 
 
@@ -40,16 +36,6 @@ def tiny_clip(text_tokenizer, image_size: int = SIZE, patch_size: int = SIZE // 
     cfg = ContrastiveConfig(image_size=image_size, patch_size=patch_size, vision_width=32, vision_layers=1,
                             vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16)
     return ImageTextEncoder.from_config(cfg, text_tokenizer).eval()
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return [generate_sample(i, resolution=RES) for i in range(30)]
-
-
-@pytest.fixture(scope="module")
-def bundle(samples):
-    return _bundle(samples)
 
 
 def _modalities(bundle):
@@ -106,21 +92,9 @@ def test_frozen_overfit_pipeline_and_save_load(bundle, samples, tmp_path):
     model = _model(bundle, encoder)
     tower = model.input_patches["rgb"].tower
     tower_before = {k: v.clone() for k, v in tower.state_dict().items()}
-    mods = model.config.modalities
     train = [samples[1], samples[29]]
     pipe = OneModelPipeline(model, bundle, device="cpu")
-    qa = [s["qa"][0] for s in train]
-    tok = pipe.tokenize({"rgb": [s["rgb"] for s in train], "caption": [s["caption"] for s in train],
-                         "question": [q["question"] for q in qa], "answer": [q["answer"] for q in qa]})
-    examples = []
-    for i in range(2):
-        t = {k: v[i] for k, v in tok.items()}
-        every = lambda name: (t[name], torch.arange(len(t[name])))  # noqa: E731
-        cap = build_sample({"rgb": t["rgb"]}, {"caption": every("caption")}, mods)
-        vqa = build_sample({"rgb": t["rgb"], "question": t["question"]}, {"answer": every("answer")}, mods)
-        cap.values = vqa.values = {"rgb": _pixels(train[i]["rgb"])}
-        examples += [cap, vqa]
-    batch = collate(examples)
+    batch, qa, _ = overfit_batch(pipe, train, pixels_of=_pixels, draw=False)
     groups = param_groups(model, 0.05)
     in_optimizer = {id(p) for g in groups for p in g["params"]}
     assert not any(id(p) in in_optimizer for p in tower.parameters())  # frozen: not in the optimizer

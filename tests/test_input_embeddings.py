@@ -37,6 +37,28 @@ def bundle(samples):
     return _bundle(samples)
 
 
+def overfit_batch(pipe, train, pixels_of=None, draw=True):
+    """The input-embedding tests' overfit batch: per scene of ``train``, rgb -> caption, rgb + question -> answer and
+    (``draw``) caption -> rgb. ``pixels_of(image)`` gives the pixel patches of the rgb inputs (None: token inputs).
+    Returns ``(batch, qa, tok)``: the batch, each scene's first question-answer pair and the tokenized inputs."""
+    mods = pipe.model.config.modalities
+    qa = [s["qa"][0] for s in train]
+    tok = pipe.tokenize({"rgb": [s["rgb"] for s in train], "caption": [s["caption"] for s in train],
+                         "question": [q["question"] for q in qa], "answer": [q["answer"] for q in qa]})
+    examples = []
+    for i, scene in enumerate(train):
+        t = {k: v[i] for k, v in tok.items()}
+        every = lambda name: (t[name], torch.arange(len(t[name])))  # noqa: E731
+        cap = build_sample({"rgb": t["rgb"]}, {"caption": every("caption")}, mods)
+        vqa = build_sample({"rgb": t["rgb"], "question": t["question"]}, {"answer": every("answer")}, mods)
+        if pixels_of is not None:
+            cap.values = vqa.values = {"rgb": pixels_of(scene["rgb"])}
+        examples += [cap, vqa]
+        if draw:
+            examples.append(build_sample({"caption": t["caption"]}, {"rgb": every("rgb")}, mods))
+    return collate(examples), qa, tok
+
+
 def _model(bundle, kind="codebook", **kw) -> OneModel:
     mods = tuple(Modality(**s) for s in bundle.modalities(LENGTHS))
     dims = {"rgb": bundle["rgb"].code_vectors().shape[1]}
@@ -82,21 +104,8 @@ def test_input_table_uses_the_code_vectors(bundle):
 def test_overfit_every_pipeline_method_and_save_load(bundle, samples, kind, tmp_path):
     train = [samples[1], samples[29]]
     model = _model(bundle, kind)
-    mods = model.config.modalities
     pipe = OneModelPipeline(model, bundle, device="cpu")
-    qa = [s["qa"][0] for s in train]
-    tok = pipe.tokenize({"rgb": [s["rgb"] for s in train], "caption": [s["caption"] for s in train],
-                         "question": [q["question"] for q in qa], "answer": [q["answer"] for q in qa]})
-    examples = []
-    for i in range(2):
-        t = {k: v[i] for k, v in tok.items()}
-        every = lambda name: (t[name], torch.arange(len(t[name])))  # noqa: E731
-        examples += [
-            build_sample({"rgb": t["rgb"]}, {"caption": every("caption")}, mods),
-            build_sample({"rgb": t["rgb"], "question": t["question"]}, {"answer": every("answer")}, mods),
-            build_sample({"caption": t["caption"]}, {"rgb": every("rgb")}, mods),
-        ]
-    batch = collate(examples)
+    batch, qa, tok = overfit_batch(pipe, train)
     codes_before = model.input_codebooks["rgb"].codes.detach().clone()
     proj_before = model.input_codebooks["rgb"].linear.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)

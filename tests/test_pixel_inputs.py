@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_input_embeddings import LENGTHS, bundle, samples  # noqa: E402,F401  (fixtures: the tiny shapes bundle)
+from test_input_embeddings import LENGTHS, bundle, overfit_batch, samples  # noqa: E402,F401  (fixtures, helper)
 from test_pipeline import RES  # noqa: E402
 
 from onemodel.batch import collate  # noqa: E402
@@ -115,21 +115,8 @@ def test_the_encoder_reads_the_pixels_not_the_ids(bundle, samples, kind):
 def test_overfit_every_pipeline_method_chaining_and_save_load(bundle, samples, tmp_path, kind):
     train = [samples[1], samples[29]]
     model = _model(bundle, kind)
-    mods = model.config.modalities
     pipe = OneModelPipeline(model, bundle, device="cpu")
-    qa = [s["qa"][0] for s in train]
-    tok = pipe.tokenize({"rgb": [s["rgb"] for s in train], "caption": [s["caption"] for s in train],
-                         "question": [q["question"] for q in qa], "answer": [q["answer"] for q in qa]})
-    examples = []
-    for i in range(2):
-        t = {k: v[i] for k, v in tok.items()}
-        every = lambda name: (t[name], torch.arange(len(t[name])))  # noqa: E731
-        pixels = {"rgb": _pixels(train[i]["rgb"])}
-        cap = build_sample({"rgb": t["rgb"]}, {"caption": every("caption")}, mods)
-        vqa = build_sample({"rgb": t["rgb"], "question": t["question"]}, {"answer": every("answer")}, mods)
-        cap.values, vqa.values = pixels, pixels
-        examples += [cap, vqa, build_sample({"caption": t["caption"]}, {"rgb": every("rgb")}, mods)]
-    batch = collate(examples)
+    batch, qa, tok = overfit_batch(pipe, train, pixels_of=_pixels)
     proj_before = next(model.input_patches["rgb"].parameters()).detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 from onemodel.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
 from onemodel.masking import MaskingConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "DataSource",
@@ -28,6 +30,7 @@ __all__ = [
     "OptimConfig",
     "CheckpointConfig",
     "LoggingConfig",
+    "load_typed_config",
     "TrainConfig",
     "load_train_config",
     "validate_train_config",
@@ -234,15 +237,21 @@ class TrainConfig:
         return to_dict(self)
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_typed_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read a YAML/JSON config file (or start from the defaults when ``path`` is None), apply dotted overrides
-    (``optim.lr=3e-4``), and build a :class:`TrainConfig`. Errors name the offending key."""
+    (``optim.lr=3e-4``), and build the dataclass ``cls`` (a training command's config with an ``optim:
+    OptimConfig`` section). Errors name the offending key."""
     data = load_config_file(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     optim = data.get("optim")
     if isinstance(optim, dict) and optim.get("mixed_precision") is False:
         optim["mixed_precision"] = "no"  # YAML 1.1 reads a bare `no` as false (optim.mixed_precision=no)
-    return from_dict(TrainConfig, data)
+    return from_dict(cls, data)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """:func:`load_typed_config` for :class:`TrainConfig` (``onemodel train``)."""
+    return load_typed_config(TrainConfig, path, overrides)
 
 
 TOKEN_FORMAT = "onemodel-token-shards"  # meta.json "format" of token shards (training/pretokenize.py)

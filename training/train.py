@@ -526,26 +526,37 @@ def summary_line(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON training config (e.g. configs/demo.yaml)")
+def command_arguments(parser: argparse.ArgumentParser, config_example: str, overrides_example: str) -> None:
+    """The arguments of a training command (``train``, ``train-clip``): --config, --resume, --print-config, overrides."""
+    parser.add_argument("--config", default=None, help=f"YAML/JSON training config (e.g. {config_example})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in checkpoint.out_dir (fresh start if none)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted config overrides, e.g. optim.lr=3e-4 optim.max_steps=200")
+                        help=f"dotted config overrides, e.g. {overrides_example}")
 
 
-def run(args: argparse.Namespace) -> int:
-    config = load_train_config(args.config, args.overrides)
+def run_command(args: argparse.Namespace, load_config: Any, train_fn: Any, summary_of: Any) -> int:
+    """Run a training command parsed by :func:`command_arguments`: load the config (or print it), train, and print
+    the one-line summary on the main process."""
+    config = load_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    summary = train(config, resume=args.resume)
+    summary = train_fn(config, resume=args.resume)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(summary_line(summary))
+        print(summary_of(summary))
     return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    command_arguments(parser, "configs/demo.yaml", "optim.lr=3e-4 optim.max_steps=200")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args, load_train_config, train, summary_line)
 
 
 def module_main(prog: str, description: str, add_args: Any, run_args: Any, argv: list[str] | None = None) -> int:

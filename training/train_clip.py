@@ -31,7 +31,6 @@ and saved in ``OUT/model/tokenizer``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -44,9 +43,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from onemodel.config import apply_overrides, from_dict, load_config_file, to_dict
+from onemodel.config import to_dict
 from onemodel.contrastive import ContrastiveConfig
-from training.config import CheckpointConfig, LoggingConfig, OptimConfig
+from training.config import CheckpointConfig, LoggingConfig, OptimConfig, load_typed_config
 from training.hard_negatives import HardNegativeConfig
 
 logger = logging.getLogger("training.train_clip")
@@ -104,12 +103,7 @@ class ClipTrainConfig:
 
 def load_clip_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ClipTrainConfig:
     """YAML/JSON file (or the defaults) + dotted overrides -> :class:`ClipTrainConfig`; errors name the key."""
-    data = load_config_file(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides))
-    optim = data.get("optim")
-    if isinstance(optim, dict) and optim.get("mixed_precision") is False:
-        optim["mixed_precision"] = "no"
-    return from_dict(ClipTrainConfig, data)
+    return load_typed_config(ClipTrainConfig, path, overrides)
 
 
 def validate_clip_config(config: ClipTrainConfig, num_processes: int) -> int:
@@ -452,25 +446,15 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON config (e.g. configs/clip_shapes.yaml)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in checkpoint.out_dir (fresh start if none)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted config overrides, e.g. model.loss=siglip optim.max_steps=200")
+    from training.train import command_arguments
+
+    command_arguments(parser, "configs/clip_shapes.yaml", "model.loss=siglip optim.max_steps=200")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_clip_config(args.config, args.overrides)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
-    summary = train_clip(config, resume=args.resume)
-    from accelerate import PartialState
+    from training.train import run_command
 
-    if PartialState().is_main_process:
-        print(summary_line(summary))
-    return 0
+    return run_command(args, load_clip_config, train_clip, summary_line)
 
 
 def main(argv: list[str] | None = None) -> int:
