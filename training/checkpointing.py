@@ -79,6 +79,19 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def resume_from(accelerator: Any, checkpoint: Path, batch_size: int, data_seed: int) -> dict[str, Any]:
+    """Load ``checkpoint`` into ``accelerator`` (model, optimizer, RNG states) and return its trainer state; warn
+    when the batch size or data seed differ from the checkpoint's (the data order would not continue exactly)."""
+    accelerator.load_state(str(checkpoint))
+    state = read_trainer_state(checkpoint)
+    was = state.get("data", {})
+    if was.get("batch_size") != batch_size or was.get("seed") != data_seed:
+        logger.warning("resuming with a different batch_size or data seed than the checkpoint (%s): the data "
+                       "order will not continue exactly", was)
+    logger.info("resumed from %s at step %d", checkpoint, int(state["step"]))
+    return state
+
+
 def save_checkpoint(accelerator: Any, checkpoint_dir: str | Path, trainer_state: dict[str, Any],
                     keep_last: int) -> Path:
     """Save the accelerate state + ``trainer_state`` as ``checkpoint_dir/step_N`` atomically; prune old ones.

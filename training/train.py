@@ -241,7 +241,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     from onemodel.masking import TextSpecialIds
     from onemodel.model import OneModel, OneModelConfig
     from tokenizers_mm.bundle import TokenizerBundle
-    from training.checkpointing import latest_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
+    from training.checkpointing import latest_checkpoint, resume_from, save_checkpoint, write_json_atomic
     from training.loader import build_train_loader, build_val_batches, load_source
     from tokenizers_mm.io_atomic import check_output_dir
     from training.run_log import MetricsLog
@@ -327,14 +327,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at_step: int | None = 
     # ---- resume: model, optimizer, RNG states (accelerate) + step and data position (trainer_state.json)
     start_step, tokens_seen = 0, 0  # tokens_seen: before this run (from the checkpoint)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = read_trainer_state(checkpoint)
+        state = resume_from(accelerator, checkpoint, optim.batch_size, data_cfg.seed)
         start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        was = state.get("data", {})
-        if was.get("batch_size") != optim.batch_size or was.get("seed") != data_cfg.seed:
-            logger.warning("resuming with a different batch_size or data seed than the checkpoint (%s): the data "
-                           "order will not continue exactly", was)
-        logger.info("resumed from %s at step %d", checkpoint, start_step)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "train_config.json", config.to_dict())

@@ -254,7 +254,7 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
     from tqdm.auto import tqdm
 
     from onemodel.contrastive import ImageTextEncoder
-    from training.checkpointing import latest_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
+    from training.checkpointing import latest_checkpoint, resume_from, save_checkpoint, write_json_atomic
     from training.evaluation.contrastive import retrieval_metrics, zero_shot_shapes
     from training.hard_negatives import negative_captions
     from training.run_log import MetricsLog
@@ -299,14 +299,7 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
 
     start_step = 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = read_trainer_state(checkpoint)
-        start_step = int(state["step"])
-        was = state.get("data", {})
-        if was.get("batch_size") != optim.batch_size or was.get("seed") != data_cfg.seed:
-            logger.warning("resuming with another batch_size or data seed than the checkpoint (%s): the data order "
-                           "will not continue exactly", was)
-        logger.info("resumed from %s at step %d", checkpoint, start_step)
+        start_step = int(resume_from(accelerator, checkpoint, optim.batch_size, data_cfg.seed)["step"])
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "train_config.json", config.to_dict())
