@@ -462,9 +462,9 @@ class OneModel(nn.Module):
                 raise ValueError(f"values given for {name!r}, which this model does not embed from pixels "
                                  f"(input_embeddings: {self.config.input_embeddings})")
             m = self.config.modality_index(name)
-            if t.shape[1] != int(self.num_positions[m]) or t.shape[2] != self.input_patches[name].in_features:
-                raise ValueError(f"values[{name!r}] must be (B, {int(self.num_positions[m])}, "
-                                 f"{self.input_patches[name].in_features}), got {tuple(t.shape)}")
+            want = (self.config.modalities[m].num_tokens, self.config.value_dims[name])  # host ints: no device sync
+            if tuple(t.shape[1:]) != want:
+                raise ValueError(f"values[{name!r}] must be (B, {want[0]}, {want[1]}), got {tuple(t.shape)}")
             patches = self.input_patches[name](t.to(x.dtype))  # (B, N, D)
             rows = patches.gather(1, pos[..., None].expand(-1, -1, x.shape[-1]).clamp(max=t.shape[1] - 1))  # (B, Ni, D)
             use = (mod == m) & mask
