@@ -89,6 +89,12 @@ class ContrastiveConfig:
     The tower sizes build a fresh CLIPModel; a loaded checkpoint keeps its own (its config.json decides).
     patch_feature_layer: which vision hidden state :meth:`ImageTextEncoder.image_patch_features` returns
         (-1 = last layer, -2 = penultimate as in LLaVA).
+    vision_stem: "patch" (CLIP's linear patch embedding) or "convnet": the patch embedding's output is replaced by
+        a small ConvNet over the image (``onemodel.input_embeddings.convnet_stem``: 8 convolutions for 8-pixel
+        patches, receptive field 61 pixels), which learns object shape much faster than linear patches on small
+        images (docs/contrastive.md); ``vision_stem_width`` channels at full resolution, doubled per halving.
+        Its weights live in ``heads.safetensors``; the transformers part of the
+        directory then needs this class to load with the stem.
     """
 
     loss: Literal["clip", "siglip"] = "clip"
@@ -114,6 +120,8 @@ class ContrastiveConfig:
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     patch_feature_layer: int = -1
+    vision_stem: Literal["patch", "convnet"] = "patch"
+    vision_stem_width: int = 32
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
@@ -329,6 +337,14 @@ class ImageTextEncoder(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
         else:
             self.logit_bias = None
+        self.vision_stem = None
+        if config.vision_stem == "convnet":
+            from onemodel.input_embeddings import convnet_stem, install_stem
+
+            self.vision_stem = convnet_stem(int(hf_model.config.vision_config.patch_size),
+                                            int(hf_model.config.vision_config.hidden_size),
+                                            width=config.vision_stem_width)
+            install_stem(hf_model, self.vision_stem)
         self.coca = None
         if config.coca_weight > 0:
             tc = hf_model.config.text_config

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CodebookEmbedding", "ConvPatchEmbedding", "FrozenFeatureEmbedding", "feature_encoder_spec",
+__all__ = ["CodebookEmbedding", "ConvPatchEmbedding", "ConvNetPatchEmbedding", "convnet_stem", "install_stem", "FrozenFeatureEmbedding", "feature_encoder_spec",
            "check_feature_spec"]
 
 
@@ -88,6 +88,69 @@ class ConvPatchEmbedding(nn.Module):
         return out.flatten(2).transpose(1, 2)  # (B, N, D) row-major, as the token grid
 
 
+class ConvNetPatchEmbedding(ConvPatchEmbedding):
+    """Pixel patches -> one embedding per patch through a small ConvNet over the image (``input_embeddings``
+    "pixels_cnn").
+
+    Per halving of the resolution, a 3x3 convolution followed by a 3x3 stride-2 one (widths 32, 64, 128, ... capped
+    at the model width; GroupNorm + GELU after each), then two 3x3 convolutions at the token grid's resolution
+    and a 1x1 convolution to the model width. With 8x8 patches that is 8 convolutions whose receptive field
+    (61 pixels) spans most of a 64-pixel image, against 15 pixels for ``"pixels_conv"``'s three stride-2 layers and
+    one patch for ``"pixels"``. Why: on the shapes scenes, what every recognition task needs is each object's
+    shape bound to its colour, and a ViT over linear patch embeddings learns that slowly. Measured on the task
+    "which (size, colour, shape) objects are in the scene" (48-way multi-label, 8,000 training scenes, 1,000 test
+    scenes, batch 32, 240 CPU-seconds each, width 128): this ConvNet with attention pooling reaches exact-set
+    accuracy 0.81 (F1 0.95), a 3-layer ViT over linear 8x8 patch embeddings 0.22 (0.58), over overlapping 16x16
+    patches 0.23 (0.61), over the ``"pixels_conv"``-style stem... slower (docs/recipe.md).
+
+    values (B, N, F) with N = g * g and F = P * P * channels, P a power of two -> (B, N, D).
+    """
+
+    def __init__(self, patch_dim: int, dim: int, channels: int = 3) -> None:
+        super().__init__(patch_dim, dim, channels)
+        self.stem = convnet_stem(self.patch, dim, channels)
+
+
+def convnet_stem(patch: int, dim: int, channels: int = 3, width: int = 32) -> nn.Sequential:
+    """The ConvNet of :class:`ConvNetPatchEmbedding`: images (B, channels, H, W) -> (B, dim, H / patch, W / patch),
+    ``patch`` a power of two, ``width`` the channels of the full-resolution stage (doubled per halving, capped at
+    ``dim``; most of the cost is in the first two stages). Also the image stem of
+    ``ContrastiveConfig.vision_stem = "convnet"``."""
+    if patch < 1 or patch & (patch - 1):
+        raise ValueError(f"a ConvNet stem needs a power-of-two patch size, got {patch}")
+
+    def conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(1, c_out), nn.GELU()]
+
+    layers: list[nn.Module] = []
+    width_in = channels
+    stages = patch.bit_length() - 1
+    for i in range(stages):
+        width_i = min(dim, width * 2**i)
+        width_out = dim if i == stages - 1 else width_i
+        layers += conv(width_in, width_i, 1) + conv(width_i, width_out, 2)
+        width_in = width_out
+    layers += conv(width_in, dim, 1) + conv(dim, dim, 1)
+    layers.append(nn.Conv2d(dim, dim, 1))
+    return nn.Sequential(*layers)
+
+
+def install_stem(model: Any, stem: nn.Module) -> None:
+    """Make ``stem`` (a :func:`convnet_stem`) stand in for the linear patch embedding of a transformers CLIP / SigLIP
+    vision tower (``model.vision_model.embeddings.patch_embedding`` in ``CLIPModel`` / ``SiglipModel``,
+    ``model.embeddings.patch_embedding`` in transformers 5's ``CLIPVisionModel``): a forward hook replaces that convolution's output by the stem's
+    output on the same pixels, so position embeddings, class token and transformer blocks stay transformers' own.
+    The bypassed convolution is frozen (it gets no gradient)."""
+    tower = getattr(model, "vision_model", model)
+    patch_embedding = tower.embeddings.patch_embedding
+    patch_embedding.requires_grad_(False)
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return stem(inputs[0]).to(output.dtype)
+
+    patch_embedding.register_forward_hook(hook)
+
+
 def feature_encoder_spec(encoder: Any) -> dict[str, Any]:
     """What a OneModel needs to rebuild the vision tower of ``encoder`` (an ``onemodel.contrastive.ImageTextEncoder``)
     without its directory: ``{"vision_config": transformers vision config (non-default fields + model_type),
@@ -96,8 +159,11 @@ def feature_encoder_spec(encoder: Any) -> dict[str, Any]:
     vision = encoder.hf.config.vision_config.to_diff_dict()
     vision.pop("transformers_version", None)
     vision["model_type"] = encoder.hf.config.vision_config.model_type
-    return {"vision_config": vision, "image_mean": [float(v) for v in encoder.config.image_mean],
+    spec = {"vision_config": vision, "image_mean": [float(v) for v in encoder.config.image_mean],
             "image_std": [float(v) for v in encoder.config.image_std], "layer": int(encoder.config.patch_feature_layer)}
+    if getattr(encoder, "vision_stem", None) is not None:
+        spec["stem_width"] = int(encoder.config.vision_stem_width)  # its ConvNet stem (ContrastiveConfig.vision_stem)
+    return spec
 
 
 def check_feature_spec(name: str, spec: Any, grid_size: int) -> None:
@@ -111,9 +177,10 @@ def check_feature_spec(name: str, spec: Any, grid_size: int) -> None:
         raise ValueError(f"{where} is {spec!r}, a directory: OneModelConfig needs the encoder's description "
                          "(onemodel.input_embeddings.feature_encoder_spec(encoder)); onemodel train makes it from the "
                          "directory given as model.feature_encoders")
-    if not isinstance(spec, dict) or set(spec) != {"vision_config", "image_mean", "image_std", "layer"}:
-        raise ValueError(f"{where} must be a dict with vision_config, image_mean, image_std and layer "
-                         "(see onemodel.input_embeddings.feature_encoder_spec)")
+    required = {"vision_config", "image_mean", "image_std", "layer"}
+    if not isinstance(spec, dict) or not required <= set(spec) <= required | {"stem_width"}:
+        raise ValueError(f"{where} must be a dict with vision_config, image_mean, image_std, layer and optionally "
+                         "stem_width (see onemodel.input_embeddings.feature_encoder_spec)")
     vision = spec["vision_config"]
     if not isinstance(vision, dict) or "model_type" not in vision:
         raise ValueError(f"{where}.vision_config must be a transformers vision config dict with a model_type")
@@ -151,6 +218,12 @@ class FrozenFeatureEmbedding(nn.Module):
         vision = dict(spec["vision_config"])
         config = AutoConfig.for_model(vision.pop("model_type"), **vision)
         self.tower = AutoModel.from_config(config)
+        self.stem = None
+        if spec.get("stem_width"):  # the encoder was trained with a ConvNet stem (ContrastiveConfig.vision_stem)
+            self.stem = convnet_stem(int(config.patch_size), int(config.hidden_size), width=int(spec["stem_width"]))
+            install_stem(self.tower, self.stem)
+            self.stem.requires_grad_(False)
+            self.stem.eval()
         self.tower.requires_grad_(False)
         self.tower.eval()
         side = round((patch_dim / 3) ** 0.5)
@@ -170,13 +243,20 @@ class FrozenFeatureEmbedding(nn.Module):
     def train(self, mode: bool = True) -> "FrozenFeatureEmbedding":
         super().train(mode)
         self.tower.eval()  # frozen: never in training mode (no dropout)
+        if self.stem is not None:
+            self.stem.eval()
         return self
 
     def load_encoder(self, encoder: Any) -> None:
         """Copy the vision tower weights of ``encoder`` (an ``ImageTextEncoder`` whose ``feature_encoder_spec``
         built this module); a different architecture fails with the mismatching names."""
+        if (self.stem is None) != (getattr(encoder, "vision_stem", None) is None):
+            raise ValueError("the encoder's vision stem does not match this model's pixels_clip input (one has a "
+                             "ConvNet stem, the other not)")
         try:
             self.tower.load_state_dict(encoder.hf.vision_model.state_dict(), strict=True)
+            if self.stem is not None:
+                self.stem.load_state_dict(encoder.vision_stem.state_dict(), strict=True)
         except RuntimeError as err:
             raise ValueError(f"the encoder's vision tower does not match this model's pixels_clip input: "
                              f"{str(err).splitlines()[0]}") from err

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from onemodel.attention import BACKENDS, AttentionMask
 from onemodel.blocks import MLP, NO_MASK, CrossAttention, DecoderBlock, EncoderBlock, SelfAttention  # noqa: F401
 from onemodel.config import from_dict, to_dict
-from onemodel.input_embeddings import CodebookEmbedding, ConvPatchEmbedding, FrozenFeatureEmbedding, check_feature_spec
+from onemodel.input_embeddings import CodebookEmbedding, ConvNetPatchEmbedding, ConvPatchEmbedding, FrozenFeatureEmbedding, check_feature_spec
 from onemodel.modalities import Modality, validate_modalities
 from onemodel.model_outputs import DecoderCache, EncoderOutput, ModelOutput, StaticDecoderCache
 
@@ -45,7 +45,7 @@ __all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "Decode
 logger = logging.getLogger(__name__)
 
 # how a modality's input tokens are embedded (OneModelConfig.input_embeddings)
-INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv", "pixels_clip")
+INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv", "pixels_cnn", "pixels_clip")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,6 +308,8 @@ class OneModel(nn.Module):
         cfg, kind, dim = self.config, self.config.input_embeddings[name], self.config.value_dims[name]
         if kind == "pixels_conv":
             return ConvPatchEmbedding(dim, cfg.dim)
+        if kind == "pixels_cnn":
+            return ConvNetPatchEmbedding(dim, cfg.dim)
         if kind == "pixels_clip":
             grid = cfg.modalities[cfg.modality_index(name)].grid_size
             return FrozenFeatureEmbedding(cfg.feature_encoders[name], dim, grid, cfg.dim)
@@ -327,7 +329,8 @@ class OneModel(nn.Module):
         cfg = self.config
         std = cfg.init_std
         frozen = {id(m) for e in self.input_patches.values() if isinstance(e, FrozenFeatureEmbedding)
-                  for m in e.tower.modules()}  # pretrained towers keep their weights
+                  for part in (e.tower, e.stem) if part is not None
+                  for m in part.modules()}  # pretrained towers (and their stems) keep their weights
         for name, module in self.named_modules():
             if id(module) in frozen:
                 continue

@@ -166,3 +166,25 @@ def test_train_copies_the_encoder_in(tmp_path):
     with pytest.raises(ValueError, match="not a contrastive encoder directory"):
         train(tiny_config(root, tmp_path / "run2", "optim.max_steps=1", "model.input_embeddings={rgb: pixels_clip}",
                           f"model.feature_encoders={{rgb: {tmp_path / 'nowhere'}}}"))
+
+
+def test_convnet_stem_encoder_feeds_the_same_features(bundle, samples, tmp_path):
+    """An encoder trained with ``vision_stem="convnet"``: the one model's frozen tower carries the stem, reproduces
+    the encoder's patch features, and save -> load keeps them (the stem's weights travel in model.safetensors)."""
+    torch.manual_seed(0)
+    cfg = ContrastiveConfig(image_size=SIZE, patch_size=SIZE // GRID, vision_width=32, vision_layers=1, vision_heads=2,
+                            text_width=32, text_layers=1, text_heads=2, embed_dim=16, vision_stem="convnet",
+                            vision_stem_width=8)
+    encoder = ImageTextEncoder.from_config(cfg, bundle.text).eval()
+    model = _model(bundle, encoder).eval()
+    assert model.config.feature_encoders["rgb"]["stem_width"] == 8
+    images = [resize_rgb(s["rgb"], SIZE) for s in samples[:3]]
+    values = torch.stack([patchify(a, GRID) for a in images])
+    torch.testing.assert_close(model.input_patches["rgb"].features(values), encoder.patch_features(images),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="vision stem does not match"):
+        model.input_patches["rgb"].load_encoder(tiny_clip(bundle.text))  # no stem
+    model.save_pretrained(tmp_path / "m")
+    loaded = OneModel.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded.input_patches["rgb"].features(values), encoder.patch_features(images),
+                               atol=1e-5, rtol=1e-5)

@@ -442,3 +442,39 @@ def test_train_clip_two_processes_equal_one_process(clip_data, tmp_path):
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:  # AdamW normalises tiny gradients, so float summation order shows at ~1e-4 after 4 steps
         torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0)
+
+
+def test_convnet_stem_overfits_saves_loads_and_feeds_patch_features(tokenizer, scenes, tmp_path):
+    """``vision_stem="convnet"``: the stem (not the bypassed linear patch embedding) is what trains, a batch is
+    overfitted, and save -> load gives identical embeddings and patch features."""
+    from training.evaluation.contrastive import retrieval_metrics
+
+    batch = scenes[:8]
+    model = tiny_encoder(tokenizer, vision_stem="convnet")
+    linear = model.hf.vision_model.embeddings.patch_embedding.weight.detach().clone()
+    pixels = model.preprocess([s["rgb"] for s in batch])
+    ids, mask = model.tokenize([s["caption"] for s in batch])
+    stem_before = model.vision_stem[0].weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(150):
+        out = model(pixels, ids, mask)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(model.vision_stem[0].weight, stem_before)
+    assert torch.equal(model.hf.vision_model.embeddings.patch_embedding.weight, linear)  # bypassed, never trained
+    model.eval()
+    r = retrieval_metrics(model.encode_image([s["rgb"] for s in batch]), model.encode_text([s["caption"] for s in batch]),
+                          [s["caption"] for s in batch])
+    assert r["i2t_r1"] == 1.0 and r["t2i_r1"] == 1.0
+    model.save_pretrained(tmp_path / "enc")
+    loaded = ImageTextEncoder.from_pretrained(tmp_path / "enc")
+    assert loaded.config.vision_stem == "convnet"
+    images = [s["rgb"] for s in scenes[8:12]]
+    assert torch.equal(model.encode_image(images), loaded.encode_image(images))
+    assert torch.equal(model.patch_features(images), loaded.patch_features(images))
+    # the stem changes the features: a plain-patch model with the same transformers weights differs
+    plain = ImageTextEncoder(ContrastiveConfig(**{**TINY, "vocab_size": model.config.vocab_size}), model.hf.__class__(
+        model.hf.config), text_tokenizer=tokenizer)
+    plain.hf.load_state_dict(model.hf.state_dict())
+    assert not torch.allclose(plain.eval().encode_image(images), model.encode_image(images))
