@@ -478,6 +478,8 @@ class ImageTextEncoder(nn.Module):
             ids = tok.encode(list(texts), max_length=self.config.text_max_length)
             mask = (ids != tok.pad_id).long()
             ids = ids.masked_fill(ids == tok.eos_id, self.hf.config.text_config.eos_token_id)
+            longest = max(int(mask.sum(1).max()), 1)  # trailing padding cut: the causal tower never reads it
+            ids, mask = ids[:, :longest], mask[:, :longest]
         else:
             padding = "max_length" if self.model_type == "siglip" else True
             enc = self.hf_tokenizer(list(texts), padding=padding, truncation=True, return_tensors="pt",

@@ -478,3 +478,18 @@ def test_convnet_stem_overfits_saves_loads_and_feeds_patch_features(tokenizer, s
         model.hf.config), text_tokenizer=tokenizer)
     plain.hf.load_state_dict(model.hf.state_dict())
     assert not torch.allclose(plain.eval().encode_image(images), model.encode_image(images))
+
+
+def test_text_batches_are_cut_to_their_longest_caption(tokenizer, scenes):
+    """tokenize() drops the trailing padding columns (up to text_max_length): the text tower never reads them, so
+    the embeddings equal those of the fully padded batch."""
+    model = tiny_encoder(tokenizer).eval()
+    texts = ["a red circle", scenes[0]["caption"]]
+    ids, mask = model.tokenize(texts)
+    assert ids.shape[1] == int(mask.sum(1).max()) < model.config.text_max_length
+    full = tokenizer.encode(texts, max_length=model.config.text_max_length)
+    full_mask = (full != tokenizer.pad_id).long()
+    full = full.masked_fill(full == tokenizer.eos_id, model.hf.config.text_config.eos_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_embeddings(ids, mask), model.text_embeddings(full, full_mask),
+                                   atol=1e-5, rtol=1e-5)

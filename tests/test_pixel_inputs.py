@@ -76,7 +76,7 @@ def test_config_checks(bundle):
         OneModel(OneModelConfig(**base, input_embeddings={"rgb": "pixels_conv"}, value_dims={"rgb": 75}))
 
 
-@pytest.mark.parametrize("kind", ["pixels", "pixels_conv"])
+@pytest.mark.parametrize("kind", ["pixels", "pixels_conv", "pixels_cnn"])
 def test_the_encoder_reads_the_pixels_not_the_ids(bundle, samples, kind):
     model = _model(bundle, kind).eval()
     mods = model.config.modalities
@@ -111,7 +111,7 @@ def test_the_encoder_reads_the_pixels_not_the_ids(bundle, samples, kind):
                      {"rgb": torch.zeros(1, n, 5)})
 
 
-@pytest.mark.parametrize("kind", ["pixels", "pixels_conv"])
+@pytest.mark.parametrize("kind", ["pixels", "pixels_conv", "pixels_cnn"])
 def test_overfit_every_pipeline_method_chaining_and_save_load(bundle, samples, tmp_path, kind):
     train = [samples[1], samples[29]]
     model = _model(bundle, kind)
