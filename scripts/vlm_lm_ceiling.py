@@ -74,7 +74,7 @@ def score(lm, tok, samples: list[dict], context: list[str], caption_prompt: str,
         "vqa": metrics.vqa_accuracy(preds, answers)["accuracy"],
         "vqa_per_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())},
         "vqa_kind_counts": {k: len(v) for k, v in sorted(per_kind.items())},
-        "caption_cider": metrics.caption_scores(caps, [[s["caption"]] for s in samples]).get("CIDEr"),
+        "caption_cider": metrics.caption_scores(caps, [[s["caption"]] for s in samples])["cider"],
         "caption_attribute_f1": metrics.caption_attribute_f1(caps, [s["scene"] for s in samples])["f1"],
         "examples": [{"q": q, "answer": a, "pred": p} for q, a, p in list(zip(qs, answers, preds))[:8]],
     }
