@@ -7,6 +7,7 @@ it shows the text prior a vision-blind VLM falls back to. Same scoring as ``onem
 ``caption_scores``, ``caption_attribute_f1``), per question kind too.
 
     python scripts/vlm_lm_ceiling.py --lm runs/vlm_shapes/lm --data runs/vlm_shapes_data [--limit 200]
+    python scripts/vlm_lm_ceiling.py --vlm runs/vlm_shapes --data runs/vlm_shapes_data   # a trained VLM, per kind
 """
 
 from __future__ import annotations
@@ -80,9 +81,30 @@ def score(lm, tok, samples: list[dict], context: list[str], caption_prompt: str,
     }
 
 
+def vlm_per_kind(run: str, data: str, limit: int) -> int:
+    from onemodel.vlm_pipeline import VLMPipeline
+    from training.data.reader import load_samples
+
+    pipe = VLMPipeline.from_pretrained(Path(run))
+    samples = load_samples(Path(data) / "test", limit=limit, modalities=("rgb", "qa"))
+    pairs = [(s["rgb"], qa["question"], qa["answer"]) for s in samples for qa in s["qa"]]
+    preds: list[str] = []
+    for i in range(0, len(pairs), 64):
+        chunk = pairs[i:i + 64]
+        preds += pipe.answer([p[0] for p in chunk], [p[1] for p in chunk])
+    per_kind: dict[str, list[float]] = defaultdict(list)
+    for (_, q, a), p in zip(pairs, preds):
+        per_kind[question_kind(q)].append(float(metrics.normalize_answer(p) == metrics.normalize_answer(a)))
+    acc = metrics.vqa_accuracy(preds, [a for _, _, a in pairs])["accuracy"]
+    print(f"{run}: VQA {acc:.3f}  per kind "
+          f"{json.dumps({k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())})}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lm", required=True, help="the LM directory (save_pretrained, with its tokenizer)")
+    ap.add_argument("--lm", help="the LM directory (save_pretrained, with its tokenizer)")
+    ap.add_argument("--vlm", help="instead: a trained VLM run (its VQA per question kind, for comparison)")
     ap.add_argument("--data", required=True, help="dataset directory with a test/ split")
     ap.add_argument("--limit", type=int, default=200, help="held-out scenes (default 200, as train-vlm's eval)")
     ap.add_argument("--caption-prompt", default="<image> caption:")
@@ -94,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.data.reader import load_samples
 
+    if bool(args.lm) == bool(args.vlm):
+        ap.error("give --lm or --vlm")
+    if args.vlm:
+        return vlm_per_kind(args.vlm, args.data, args.limit)
     tok = AutoTokenizer.from_pretrained(args.lm)
     lm = AutoModelForCausalLM.from_pretrained(args.lm).eval()
     samples = load_samples(Path(args.data) / "test", limit=args.limit, modalities=("caption", "qa", "scene"))
