@@ -5,9 +5,9 @@
   ``LlamaConfig``) trained on the same text; both saved with ``save_pretrained`` into one directory, which then
   loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` like any Hugging Face checkpoint.
 - :func:`pretrain_vision`: a small CLIP (``onemodel.contrastive.ImageTextEncoder``) trained contrastively on the
-  image-caption pairs, by default with the ConvNet stem in place of the linear patch embedding (then it loads with
-  ``ImageTextEncoder.from_pretrained``; with ``stem="patch"`` it loads as ``transformers.CLIPVisionModel`` too)
-  and optionally with hard-negative captions (``training.hard_negatives``).
+  image-caption pairs, with CLIP's linear patch embedding (its directory loads as ``transformers.CLIPVisionModel``
+  too) or a small ConvNet stem (``stem="convnet"``; then it loads with ``ImageTextEncoder.from_pretrained``), and
+  optionally with hard-negative captions (``training.hard_negatives``).
 
 Both write to ``DIR.tmp`` and rename when complete; an existing complete directory is reused (cached).
 """
@@ -123,7 +123,7 @@ def pretrain_lm(texts: list[str], out_dir: str | Path, dim: int = 192, layers: i
 
 def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path, width: int = 128, layers: int = 4,
                     patch_size: int = 8, steps: int = 800, batch_size: int = 64, lr: float = 2e-3,
-                    seed: int = 0, stem: str = "convnet", stem_width: int = 16,
+                    seed: int = 0, stem: str = "patch", stem_width: int = 16,
                     negatives: Any = None) -> dict[str, Any]:
     """Train a small CLIP (InfoNCE) on ``images`` (N, S, S, 3) uint8 + ``captions``; save to ``out_dir``.
 

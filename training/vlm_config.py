@@ -70,7 +70,7 @@ class VisionSection:
     image_size: Optional[int] = None
     patch_size: int = 8
     # pre-training of the demo encoder (path: null)
-    stem: Literal["patch", "convnet"] = "convnet"
+    stem: Literal["patch", "convnet"] = "patch"
     stem_width: int = 16
     negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
     width: int = 64
