@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     true = [s["caption"].strip() for s in samples]
     shuffled = [true[i] for i in np.random.default_rng(0).permutation(len(true))]
     results = {}
-    for name, ctx in (("true caption", true), ("another scene's caption", shuffled), ("empty image place", [""] * len(true))):
+    contexts = (("true caption", true), ("another scene's caption", shuffled), ("empty image place", [""] * len(true)))
+    for name, ctx in contexts:
         r = score(lm, tok, samples, ctx, args.caption_prompt, args.question_prompt)
         results[name] = r
         print(f"{name:24s} VQA {r['vqa']:.3f}  caption CIDEr {r['caption_cider']:.3f}  attr F1 "
