@@ -254,3 +254,44 @@ def _image():
     import numpy as np
 
     return (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
+
+
+def test_pretrain_vision_stem_and_hard_negatives(tmp_path):
+    """vision.stem reaches the demo CLIP: the ConvNet stem is saved, runs in the forward and trains; 'patch' has
+    none; hard negatives change the loss; a bad stem is one clear error."""
+    import numpy as np
+
+    from onemodel.contrastive import ContrastiveConfig, ImageTextEncoder
+    from tokenizers_mm.text import TextTokenizer
+    from training.hard_negatives import HardNegativeConfig
+    from training.vlm_backbones import pretrain_vision
+    from training.vlm_config import load_vlm_train_config
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((8, 32, 32, 3)) * 255).astype(np.uint8)
+    caps = [f"a {c} {s}." for c, s in zip(["red", "blue"] * 4, ["circle", "square", "triangle", "circle"] * 2)]
+    kw = dict(width=32, layers=1, patch_size=8, steps=2, batch_size=4, lr=1e-2, seed=0)
+    conv = pretrain_vision(images, caps, tmp_path / "conv", stem="convnet", stem_width=4, **kw)
+    enc = ImageTextEncoder.from_pretrained(tmp_path / "conv")
+    assert enc.config.vision_stem == "convnet" and enc.config.vision_stem_width == 4 and enc.vision_stem is not None
+    torch.manual_seed(0)  # the same initial weights as pretrain_vision's
+    fresh = ImageTextEncoder.from_config(ContrastiveConfig(
+        image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=4, text_width=128, text_layers=2,
+        text_heads=4, embed_dim=128, vision_stem="convnet", vision_stem_width=4),
+        TextTokenizer.train(caps, vocab_size=512, num_sentinels=1, num_loc_bins=2))
+    trained_stem = dict(enc.vision_stem.named_parameters())
+    assert any(not torch.equal(p, trained_stem[n]) for n, p in fresh.vision_stem.named_parameters())  # it trained
+    pixels = enc.normalize(torch.from_numpy(images[:2]))
+    before = enc.image_embeddings(pixels)
+    with torch.no_grad():
+        next(enc.vision_stem.parameters()).add_(0.5)
+    assert not torch.allclose(before, enc.image_embeddings(pixels))  # the stem is in the forward
+    pretrain_vision(images, caps, tmp_path / "patch", stem="patch", **kw)
+    assert ImageTextEncoder.from_pretrained(tmp_path / "patch").vision_stem is None
+    negs = pretrain_vision(images, caps, tmp_path / "neg", stem="convnet", stem_width=4,
+                           negatives=HardNegativeConfig([["circle", "square", "triangle"]]), **kw)
+    assert negs["loss"] != conv["loss"]
+    with pytest.raises(ValueError, match="stem"):
+        pretrain_vision(images, caps, tmp_path / "bad", stem="conv", **kw)
+    with pytest.raises(ValueError, match="vision.stem"):
+        load_vlm_train_config(None, ["vision.stem=conv"])

@@ -251,7 +251,8 @@ def train_vlm(config: VLMTrainConfig, resume: bool = False) -> dict[str, Any]:
     if vision_path is None and v.kind == "contrastive":
         vision_path = out / "vision"
         pretrain_vision(images, [s["caption"] for s in train], vision_path, v.width, v.layers, v.patch_size, v.steps,
-                        v.batch_size, v.lr, config.seed)
+                        v.batch_size, v.lr, config.seed, stem=v.stem, stem_width=v.stem_width,
+                        negatives=v.negatives)
     elif vision_path is None and v.kind != "none":
         raise ValueError(f"vision.kind={v.kind!r} needs vision.path (only 'contrastive' can be trained here)")
     timings["vision_pretrain_s"] = time.perf_counter() - t

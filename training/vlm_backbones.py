@@ -5,7 +5,9 @@
   ``LlamaConfig``) trained on the same text; both saved with ``save_pretrained`` into one directory, which then
   loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` like any Hugging Face checkpoint.
 - :func:`pretrain_vision`: a small CLIP (``onemodel.contrastive.ImageTextEncoder``) trained contrastively on the
-  image-caption pairs; its directory loads as ``transformers.CLIPVisionModel`` too.
+  image-caption pairs, with CLIP's linear patch embedding (its directory loads as ``transformers.CLIPVisionModel``
+  too) or a small ConvNet stem (``stem="convnet"``; then it loads with ``ImageTextEncoder.from_pretrained``), and
+  optionally with hard-negative captions (``training.hard_negatives``).
 
 Both write to ``DIR.tmp`` and rename when complete; an existing complete directory is reused (cached).
 """
@@ -121,13 +123,28 @@ def pretrain_lm(texts: list[str], out_dir: str | Path, dim: int = 192, layers: i
 
 def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path, width: int = 128, layers: int = 4,
                     patch_size: int = 8, steps: int = 800, batch_size: int = 64, lr: float = 2e-3,
-                    seed: int = 0) -> dict[str, Any]:
-    """Train a small CLIP (InfoNCE) on ``images`` (N, S, S, 3) uint8 + ``captions``; save to ``out_dir``."""
+                    seed: int = 0, stem: str = "patch", stem_width: int = 16,
+                    negatives: Any = None) -> dict[str, Any]:
+    """Train a small CLIP (InfoNCE) on ``images`` (N, S, S, 3) uint8 + ``captions``; save to ``out_dir``.
+
+    ``stem``: ``convnet`` (a small ConvNet of ``stem_width`` channels in place of the linear patch embedding,
+    ``ContrastiveConfig.vision_stem``) or ``patch``. ``negatives``: a ``training.hard_negatives.HardNegativeConfig``
+    (each caption also gets copies with one group word swapped, extra wrong texts for its image) or None."""
     from onemodel.contrastive import ContrastiveConfig, ImageTextEncoder
     from tokenizers_mm.text import TextTokenizer
+    from training.hard_negatives import negative_captions
+
+    if stem not in ("patch", "convnet"):
+        raise ValueError(f"vision stem must be 'patch' or 'convnet', got {stem!r}")
 
     out_dir = Path(out_dir)
     if (out_dir / "contrastive.json").is_file():
+        import json
+
+        saved = json.loads((out_dir / "contrastive.json").read_text()).get("config", {})
+        if saved.get("vision_stem", "patch") != stem:
+            logger.warning("vision encoder in %s has the %r stem, the config asks for %r: reused as it is (delete "
+                           "the directory to retrain)", out_dir, saved.get("vision_stem", "patch"), stem)
         logger.info("vision encoder in %s exists: reused", out_dir)
         return {"seconds": 0.0, "cached": True}
     start = time.perf_counter()
@@ -135,8 +152,10 @@ def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path
     text_tok = TextTokenizer.train(captions, vocab_size=512, num_sentinels=1, num_loc_bins=2)
     size = int(images.shape[1])
     config = ContrastiveConfig(image_size=size, patch_size=patch_size, vision_width=width, vision_layers=layers,
-                               vision_heads=4, text_width=128, text_layers=2, text_heads=4, embed_dim=128)
+                               vision_heads=4, text_width=128, text_layers=2, text_heads=4, embed_dim=128,
+                               vision_stem=stem, vision_stem_width=stem_width)
     enc = ImageTextEncoder.from_config(config, text_tok)
+    use_negatives = negatives is not None and negatives.enabled
     opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     rng = np.random.default_rng(seed)
     pixels_all = torch.from_numpy(images)
@@ -147,10 +166,18 @@ def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path
     for step in tqdm(range(steps), desc="pretrain vision (CLIP)", unit="step", mininterval=2):
         idx = rng.choice(len(captions), size=batch_size, replace=False)
         pixels = enc.normalize(pixels_all[idx])
-        ids, mask = enc.tokenize([captions[i] for i in idx])
+        texts = [captions[i] for i in idx]
+        ids, mask = enc.tokenize(texts)
+        extra = {}
+        if use_negatives:
+            negs = negative_captions(texts, range(step * batch_size, (step + 1) * batch_size), negatives, seed)
+            neg_ids, neg_mask = enc.tokenize([n if n is not None else t
+                                              for n, t in zip(negs, texts * negatives.per_caption)])
+            extra = {"negative_ids": neg_ids, "negative_mask": neg_mask,
+                     "negative_valid": torch.tensor([n is not None for n in negs])}
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, steps, lr)
-        loss = enc(pixels, ids, mask).loss
+        loss = enc(pixels, ids, mask, **extra).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)

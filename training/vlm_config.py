@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 from onemodel.config import apply_overrides, from_dict, load_config_file, to_dict
 from onemodel.mappers import MapperConfig
 from onemodel.vlm import LoraSpec
+from training.hard_negatives import HardNegativeConfig
 
 __all__ = ["VLMTrainConfig", "VLMData", "LMSection", "VisionSection", "VLMModelSection", "StageConfig",
            "VLMEvalConfig", "load_vlm_train_config"]
@@ -57,18 +58,32 @@ class LMSection:
 @dataclass
 class VisionSection:
     """kind: ``hf`` | ``contrastive`` | ``rgb_tokenizer`` | ``none``; path: its directory; null with kind
-    ``contrastive`` = train a small CLIP (``onemodel.contrastive``) on the captions into ``out_dir/vision``."""
+    ``contrastive`` = train a small CLIP (``onemodel.contrastive``) on the captions into ``out_dir/vision``.
+
+    The rest configures that pre-training: ``stem``: ``convnet`` (a small ConvNet in place of CLIP's linear patch
+    embedding, ``ContrastiveConfig.vision_stem``; learns object shape on small images, docs/contrastive.md) or
+    ``patch``; ``stem_width``: the ConvNet's channels at full resolution; ``negatives``: hard-negative captions
+    (``training.hard_negatives``, one word of a ``swap_groups`` group swapped), empty groups = none."""
 
     kind: Literal["hf", "contrastive", "rgb_tokenizer", "none"] = "contrastive"
     path: Optional[str] = None
     image_size: Optional[int] = None
     patch_size: int = 8
     # pre-training of the demo encoder (path: null)
+    stem: Literal["patch", "convnet"] = "patch"
+    stem_width: int = 16
+    negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
     width: int = 64
     layers: int = 3
     steps: int = 300
     batch_size: int = 48
     lr: float = 2e-3
+
+    def __post_init__(self) -> None:
+        if self.stem not in ("patch", "convnet"):
+            raise ValueError(f"vision.stem must be 'patch' or 'convnet', got {self.stem!r}")
+        if self.stem_width < 1:
+            raise ValueError(f"vision.stem_width must be >= 1, got {self.stem_width}")
 
 
 @dataclass
