@@ -132,6 +132,12 @@ class ContrastiveConfig:
             if getattr(self, name) % heads:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be divisible by "
                                  f"{name.split('_')[0]}_heads ({heads})")
+        if self.vision_stem_width < 1:
+            raise ValueError(f"vision_stem_width must be >= 1 (channels of the ConvNet stem's first stage), got "
+                             f"{self.vision_stem_width}")
+        if self.vision_stem == "convnet" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"vision_stem 'convnet' needs a power-of-two patch_size (one stride-2 stage per "
+                             f"halving), got {self.patch_size}")
         if self.coca_weight < 0:
             raise ValueError(f"coca_weight must be >= 0 (0 = no captioning loss), got {self.coca_weight}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:

@@ -64,7 +64,7 @@ class ConvPatchEmbedding(nn.Module):
         super().__init__()
         side = round((patch_dim / channels) ** 0.5)
         if side * side * channels != patch_dim or side < 1 or side & (side - 1):
-            raise ValueError(f"pixels_conv needs square patches with a power-of-two side; a patch row of {patch_dim} "
+            raise ValueError(f"pixels_conv and pixels_cnn need square patches with a power-of-two side; a patch row of {patch_dim} "
                              f"values with {channels} channels is not one (use 'pixels')")
         self.patch, self.channels = side, channels
         layers: list[nn.Module] = []

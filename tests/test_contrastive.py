@@ -473,6 +473,10 @@ def test_convnet_stem_overfits_saves_loads_and_feeds_patch_features(tokenizer, s
     images = [s["rgb"] for s in scenes[8:12]]
     assert torch.equal(model.encode_image(images), loaded.encode_image(images))
     assert torch.equal(model.patch_features(images), loaded.patch_features(images))
+    with pytest.raises(ValueError, match="vision_stem_width must be >= 1"):
+        ContrastiveConfig(**{**TINY, "vision_stem": "convnet", "vision_stem_width": 0})
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ContrastiveConfig(**{**TINY, "image_size": 36, "patch_size": 6, "vision_stem": "convnet"})
     # the stem changes the features: a plain-patch model with the same transformers weights differs
     plain = ImageTextEncoder(ContrastiveConfig(**{**TINY, "vocab_size": model.config.vocab_size}), model.hf.__class__(
         model.hf.config), text_tokenizer=tokenizer)
