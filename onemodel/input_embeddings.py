@@ -3,9 +3,9 @@
 - ``CodebookEmbedding``: a grid modality's token ids embedded through its tokenizer's code vectors (frozen or
   fine-tuned) and a learned linear map (issue 12: a table learned from scratch over-fits on little data).
 - Pixel patches: ``"pixels"`` uses a plain ``nn.Linear`` patch embedding (4M's ``rgb@224``), ``"pixels_conv"`` the
-  ``ConvPatchEmbedding`` stem, ``"pixels_clip"`` the frozen vision tower of a contrastive image-text encoder
-  (``FrozenFeatureEmbedding``, 4M-21's CLIP-feature input); all live in ``OneModel.input_patches``; the patches
-  are cut by ``onemodel.pixel_inputs``.
+  ``ConvPatchEmbedding`` stem, ``"pixels_cnn"`` the deeper ``ConvNetPatchEmbedding``, ``"pixels_clip"`` the frozen
+  vision tower of a contrastive image-text encoder (``FrozenFeatureEmbedding``, 4M-21's CLIP-feature input); all
+  live in ``OneModel.input_patches``; the patches are cut by ``onemodel.pixel_inputs``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CodebookEmbedding", "ConvPatchEmbedding", "ConvNetPatchEmbedding", "convnet_stem", "install_stem", "FrozenFeatureEmbedding", "feature_encoder_spec",
-           "check_feature_spec"]
+__all__ = ["CodebookEmbedding", "ConvPatchEmbedding", "ConvNetPatchEmbedding", "convnet_stem", "install_stem",
+           "FrozenFeatureEmbedding", "feature_encoder_spec", "check_feature_spec"]
 
 
 class CodebookEmbedding(nn.Module):
@@ -64,8 +64,8 @@ class ConvPatchEmbedding(nn.Module):
         super().__init__()
         side = round((patch_dim / channels) ** 0.5)
         if side * side * channels != patch_dim or side < 1 or side & (side - 1):
-            raise ValueError(f"pixels_conv and pixels_cnn need square patches with a power-of-two side; a patch row of {patch_dim} "
-                             f"values with {channels} channels is not one (use 'pixels')")
+            raise ValueError(f"pixels_conv and pixels_cnn need square patches with a power-of-two side; a patch row "
+                             f"of {patch_dim} values with {channels} channels is not one (use 'pixels')")
         self.patch, self.channels = side, channels
         layers: list[nn.Module] = []
         width_in = channels
@@ -92,16 +92,19 @@ class ConvNetPatchEmbedding(ConvPatchEmbedding):
     """Pixel patches -> one embedding per patch through a small ConvNet over the image (``input_embeddings``
     "pixels_cnn").
 
-    Per halving of the resolution, a 3x3 convolution followed by a 3x3 stride-2 one (widths 32, 64, 128, ... capped
-    at the model width; GroupNorm + GELU after each), then two 3x3 convolutions at the token grid's resolution
-    and a 1x1 convolution to the model width. With 8x8 patches that is 8 convolutions whose receptive field
-    (61 pixels) spans most of a 64-pixel image, against 15 pixels for ``"pixels_conv"``'s three stride-2 layers and
+    :func:`convnet_stem`: per halving of the resolution, a 3x3 convolution then a 3x3 stride-2 one (widths 32,
+    64, ... capped at the model width; GroupNorm + GELU after each), then two 3x3 convolutions at the token
+    grid's resolution and a 1x1 convolution to the model width. With 8x8 patches that is 8 convolutions whose
+    receptive field (61 pixels) spans most of a 64-pixel image, against 15 pixels for ``"pixels_conv"``'s three
+    stride-2 layers and
     one patch for ``"pixels"``. Why: on the shapes scenes, what every recognition task needs is each object's
     shape bound to its colour, and a ViT over linear patch embeddings learns that slowly. Measured on the task
     "which (size, colour, shape) objects are in the scene" (48-way multi-label, 8,000 training scenes, 1,000 test
     scenes, batch 32, 240 CPU-seconds each, width 128): this ConvNet with attention pooling reaches exact-set
     accuracy 0.81 (F1 0.95), a 3-layer ViT over linear 8x8 patch embeddings 0.22 (0.58), over overlapping 16x16
-    patches 0.23 (0.61), over the ``"pixels_conv"``-style stem... slower (docs/recipe.md).
+    patches 0.23 (0.61) (``scripts/vision_stem_probe.py``). Inside the one model, trained by its own losses, it
+    helps the dense tasks but starves the captions; the same stem pre-trained contrastively and read through
+    ``"pixels_clip"`` is what helps (docs/recipe.md, "Seeing shape").
 
     values (B, N, F) with N = g * g and F = P * P * channels, P a power of two -> (B, N, D).
     """
@@ -138,9 +141,9 @@ def convnet_stem(patch: int, dim: int, channels: int = 3, width: int = 32) -> nn
 def install_stem(model: Any, stem: nn.Module) -> None:
     """Make ``stem`` (a :func:`convnet_stem`) stand in for the linear patch embedding of a transformers CLIP / SigLIP
     vision tower (``model.vision_model.embeddings.patch_embedding`` in ``CLIPModel`` / ``SiglipModel``,
-    ``model.embeddings.patch_embedding`` in transformers 5's ``CLIPVisionModel``): a forward hook replaces that convolution's output by the stem's
-    output on the same pixels, so position embeddings, class token and transformer blocks stay transformers' own.
-    The bypassed convolution is frozen (it gets no gradient)."""
+    ``model.embeddings.patch_embedding`` in transformers 5's ``CLIPVisionModel``): a forward hook replaces that
+    convolution's output by the stem's output on the same pixels, so position embeddings, class token and
+    transformer blocks stay transformers' own. The bypassed convolution is frozen (it gets no gradient)."""
     tower = getattr(model, "vision_model", model)
     patch_embedding = tower.embeddings.patch_embedding
     patch_embedding.requires_grad_(False)

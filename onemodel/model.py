@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from onemodel.attention import BACKENDS, AttentionMask
 from onemodel.blocks import MLP, NO_MASK, CrossAttention, DecoderBlock, EncoderBlock, SelfAttention  # noqa: F401
 from onemodel.config import from_dict, to_dict
-from onemodel.input_embeddings import CodebookEmbedding, ConvNetPatchEmbedding, ConvPatchEmbedding, FrozenFeatureEmbedding, check_feature_spec
+from onemodel.input_embeddings import (CodebookEmbedding, ConvNetPatchEmbedding, ConvPatchEmbedding,
+                                       FrozenFeatureEmbedding, check_feature_spec)
 from onemodel.modalities import Modality, validate_modalities
 from onemodel.model_outputs import DecoderCache, EncoderOutput, ModelOutput, StaticDecoderCache
 
@@ -88,7 +89,9 @@ class OneModelConfig:
         "pixels": the modality enters the encoder as normalised pixel patches (``onemodel.pixel_inputs``, one
         patch per grid slot) through a linear patch embedding, as 4M's ``rgb@224``; its tokens stay the target,
         and input slots of a sample that has no pixels (the decoded-so-far tokens of MaskGIT) use the token table.
-        "pixels_conv": the same, through a small convolutional stem over the image (``ConvPatchEmbedding``).
+        "pixels_conv": the same, through a small convolutional stem over the image (``ConvPatchEmbedding``);
+        "pixels_cnn" through a deeper ConvNet (``ConvNetPatchEmbedding``; measured: it helps depth / semseg and
+        starves the captions, docs/recipe.md).
         "pixels_clip": the same pixels through the frozen vision tower of a contrastive encoder
         (``onemodel.contrastive``) and a learned projection (``FrozenFeatureEmbedding``; needs ``feature_encoders``).
     codebook_dims: width of the code vectors of each codebook-embedded modality (filled from the tokenizer by
