@@ -96,8 +96,7 @@ class ConvNetPatchEmbedding(ConvPatchEmbedding):
     64, ... capped at the model width; GroupNorm + GELU after each), then two 3x3 convolutions at the token
     grid's resolution and a 1x1 convolution to the model width. With 8x8 patches that is 8 convolutions whose
     receptive field (61 pixels) spans most of a 64-pixel image, against 15 pixels for ``"pixels_conv"``'s three
-    stride-2 layers and
-    one patch for ``"pixels"``. Why: on the shapes scenes, what every recognition task needs is each object's
+    stride-2 layers and one patch for ``"pixels"``. Why: on the shapes scenes, what every recognition task needs is each object's
     shape bound to its colour, and a ViT over linear patch embeddings learns that slowly. Measured on the task
     "which (size, colour, shape) objects are in the scene" (48-way multi-label, 8,000 training scenes, 1,000 test
     scenes, batch 32, 240 CPU-seconds each, width 128): this ConvNet with attention pooling reaches exact-set
