@@ -67,14 +67,19 @@ class ConvPatchEmbedding(nn.Module):
             raise ValueError(f"pixels_conv and pixels_cnn need square patches with a power-of-two side; a patch row "
                              f"of {patch_dim} values with {channels} channels is not one (use 'pixels')")
         self.patch, self.channels = side, channels
+        self.stem = self.build_stem(side, dim, channels)
+
+    @staticmethod
+    def build_stem(patch: int, dim: int, channels: int) -> nn.Sequential:
+        """log2(patch) 3x3 stride-2 convolutions (widths 32, 64, ... capped at ``dim``) and a 1x1 one to ``dim``."""
         layers: list[nn.Module] = []
         width_in = channels
-        for i in range(side.bit_length() - 1):  # log2(P) stride-2 stages
+        for i in range(patch.bit_length() - 1):  # log2(P) stride-2 stages
             width = min(dim, 32 * 2**i)
             layers += [nn.Conv2d(width_in, width, 3, stride=2, padding=1), nn.GroupNorm(1, width), nn.GELU()]
             width_in = width
         layers.append(nn.Conv2d(width_in, dim, 1))
-        self.stem = nn.Sequential(*layers)
+        return nn.Sequential(*layers)
 
     @property
     def in_features(self) -> int:
@@ -108,9 +113,9 @@ class ConvNetPatchEmbedding(ConvPatchEmbedding):
     values (B, N, F) with N = g * g and F = P * P * channels, P a power of two -> (B, N, D).
     """
 
-    def __init__(self, patch_dim: int, dim: int, channels: int = 3) -> None:
-        super().__init__(patch_dim, dim, channels)
-        self.stem = convnet_stem(self.patch, dim, channels)
+    @staticmethod
+    def build_stem(patch: int, dim: int, channels: int) -> nn.Sequential:
+        return convnet_stem(patch, dim, channels)
 
 
 def convnet_stem(patch: int, dim: int, channels: int = 3, width: int = 32) -> nn.Sequential:

@@ -11,6 +11,7 @@ score below the true caption for this image.
     config = HardNegativeConfig(swap_groups=[["circle", "square", "triangle"]], per_caption=1)
     swap_word("a small red circle.", config.swap_groups, rng)   # -> "a small red square." (or triangle)
     negative_captions(texts, positions, config, seed)            # (texts x per_caption) strings or None
+    tokenized_negatives(encoder, texts, positions, config, seed)  # (ids, mask, valid) for ImageTextEncoder.forward
 
 The swap picks one occurrence of a group word (uniformly over all occurrences), and a different word of the same
 group (uniformly); every occurrence of that word after the same preceding word is replaced, so a noun phrase
@@ -24,11 +25,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["HardNegativeConfig", "swap_word", "negative_captions"]
+__all__ = ["HardNegativeConfig", "swap_word", "negative_captions", "tokenized_negatives"]
 
 
 @dataclass
@@ -104,3 +105,16 @@ def negative_captions(texts: Sequence[str], positions: Sequence[int], config: Ha
             rng = np.random.default_rng([int(seed), 0x6E6567, int(pos), k])
             out.append(swap_word(text, config.swap_groups, rng, pattern))
     return out
+
+
+def tokenized_negatives(encoder, texts: Sequence[str], positions: Sequence[int], config: HardNegativeConfig,
+                        seed: int) -> tuple[Any, Any, Any]:
+    """The negatives of :func:`negative_captions`, tokenized by ``encoder`` (an ``ImageTextEncoder``):
+    ``(negative_ids, negative_mask, negative_valid)`` as its ``forward`` takes them. A caption with nothing to swap
+    is tokenized in its own place and marked invalid (``negative_valid`` False: masked out of the loss)."""
+    import torch
+
+    negs = negative_captions(texts, positions, config, seed)
+    placeholders = list(texts) * config.per_caption
+    ids, mask = encoder.tokenize([n if n is not None else t for n, t in zip(negs, placeholders)])
+    return ids, mask, torch.tensor([n is not None for n in negs], device=ids.device)

@@ -256,7 +256,7 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
     from onemodel.contrastive import ImageTextEncoder
     from training.checkpointing import latest_checkpoint, resume_from, save_checkpoint, write_json_atomic
     from training.evaluation.contrastive import retrieval_metrics, zero_shot_shapes
-    from training.hard_negatives import negative_captions
+    from training.hard_negatives import tokenized_negatives
     from training.run_log import MetricsLog
     from training.train import lr_at, param_groups
 
@@ -324,11 +324,8 @@ def train_clip(config: ClipTrainConfig, resume: bool = False, stop_at_step: int 
         if not config.negatives.enabled:
             return batch
         texts = [train_set.texts[i] for i in idx]
-        negs = negative_captions(texts, range(first, first + micro), config.negatives, data_cfg.seed)
-        valid = torch.tensor([n is not None for n in negs], device=accelerator.device)
-        placeholders = texts * config.negatives.per_caption  # stand-ins for captions with nothing to swap (masked)
-        neg_ids, neg_mask = core.tokenize([n if n is not None else t for n, t in zip(negs, placeholders)])
-        return (*batch, neg_ids, neg_mask, valid)
+        negatives = tokenized_negatives(core, texts, range(first, first + micro), config.negatives, data_cfg.seed)
+        return (*batch, *negatives)
 
     def evaluate_val() -> dict[str, float]:
         if val_set is None or not accelerator.is_main_process:

@@ -132,7 +132,7 @@ def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path
     (each caption also gets copies with one group word swapped, extra wrong texts for its image) or None."""
     from onemodel.contrastive import ContrastiveConfig, ImageTextEncoder
     from tokenizers_mm.text import TextTokenizer
-    from training.hard_negatives import negative_captions
+    from training.hard_negatives import tokenized_negatives
 
     if stem not in ("patch", "convnet"):
         raise ValueError(f"vision stem must be 'patch' or 'convnet', got {stem!r}")
@@ -170,11 +170,8 @@ def pretrain_vision(images: np.ndarray, captions: list[str], out_dir: str | Path
         ids, mask = enc.tokenize(texts)
         extra = {}
         if use_negatives:
-            negs = negative_captions(texts, range(step * batch_size, (step + 1) * batch_size), negatives, seed)
-            neg_ids, neg_mask = enc.tokenize([n if n is not None else t
-                                              for n, t in zip(negs, texts * negatives.per_caption)])
-            extra = {"negative_ids": neg_ids, "negative_mask": neg_mask,
-                     "negative_valid": torch.tensor([n is not None for n in negs])}
+            neg = tokenized_negatives(enc, texts, range(step * batch_size, (step + 1) * batch_size), negatives, seed)
+            extra = dict(zip(("negative_ids", "negative_mask", "negative_valid"), neg))
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, steps, lr)
         loss = enc(pixels, ids, mask, **extra).loss
