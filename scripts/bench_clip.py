@@ -28,6 +28,10 @@ def main() -> int:
     parser.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip", "coca"],
                         help="coca = the CLIP loss + the CoCa captioning loss (weight 1)")
     parser.add_argument("--encode-images", type=int, default=1024, help="images for the encode benchmark")
+    parser.add_argument("--precision", choices=["config", "no", "bf16"], default="config",
+                        help="bf16 autocast or fp32 ('config': the config's optim.mixed_precision)")
+    parser.add_argument("--attention", choices=["config", "sdpa", "eager"], default="config",
+                        help="transformers attention kernel ('config': the config's model.attention)")
     parser.add_argument("--no-negatives", action="store_true",
                         help="leave out the config's hard-negative captions (negatives.swap_groups)")
     args = parser.parse_args()
@@ -44,14 +48,18 @@ def main() -> int:
     train_config = load_clip_config(args.config)
     base, negatives = train_config.model, train_config.negatives
     use_negatives = negatives.enabled and not args.no_negatives
+    precision = train_config.optim.mixed_precision if args.precision == "config" else args.precision
+    attention = base.attention if args.attention == "config" else args.attention
     samples = list(generate_split("train", max(args.batch_size, 256), resolution=base.image_size))
     texts = [s["caption"] for s in samples]
     tokenizer = TextTokenizer.train(texts, vocab_size=4096, num_sentinels=1, num_loc_bins=2)
     batch = samples[: args.batch_size]
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, image {base.image_size}px, "
-          f"config {args.config}, hard negatives: {negatives.swap_groups if use_negatives else 'none'}")
+          f"config {args.config}, precision {precision}, attention {attention}, "
+          f"hard negatives: {negatives.swap_groups if use_negatives else 'none'}")
     for name in args.losses:
-        overrides = {"loss": "clip" if name == "coca" else name, "coca_weight": 1.0 if name == "coca" else 0.0}
+        overrides = {"loss": "clip" if name == "coca" else name, "coca_weight": 1.0 if name == "coca" else 0.0,
+                     "attention": attention}
         config = ContrastiveConfig.from_dict({**base.to_dict(), **overrides})
         torch.manual_seed(0)
         model = ImageTextEncoder.from_config(config, tokenizer)
@@ -69,7 +77,8 @@ def main() -> int:
                                          negatives, seed=0)
                 negs = [*model.tokenize([n or t for n, t in zip(negs, captions * negatives.per_caption)]),
                         torch.tensor([n is not None for n in negs])]
-            out = model(*inputs, *negs)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = model(*inputs, *negs)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

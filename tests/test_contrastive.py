@@ -370,17 +370,20 @@ def clip_overrides(data: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def test_train_clip_resumes_exactly_and_evaluates(clip_data, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_clip_resumes_exactly_and_evaluates(clip_data, tmp_path, capsys, precision):
     from safetensors.torch import load_file
 
     from onemodel.cli import main as cli
     from training.run_log import read_metrics
     from training.train_clip import load_clip_config, train_clip
 
-    negatives = "negatives.swap_groups=[[circle,square,triangle]]"  # the hard negatives resume exactly too
-    straight = train_clip(load_clip_config(None, clip_overrides(clip_data, tmp_path / "straight", negatives)))
+    negatives = ["negatives.swap_groups=[[circle,square,triangle]]"]  # the hard negatives resume exactly too
+    if precision == "bf16":  # the shipped config's setting: bf16 autocast with transformers' eager attention
+        negatives += ["optim.mixed_precision=bf16", "model.attention=eager"]
+    straight = train_clip(load_clip_config(None, clip_overrides(clip_data, tmp_path / "straight", *negatives)))
     assert straight["final_step"] == 6 and "val/i2t_r1" in straight["val"] and "val/zs_shape_acc" in straight["val"]
-    cut = load_clip_config(None, clip_overrides(clip_data, tmp_path / "cut", negatives))
+    cut = load_clip_config(None, clip_overrides(clip_data, tmp_path / "cut", *negatives))
     assert train_clip(cut, stop_at_step=3)["final_step"] == 3
     with pytest.raises(ValueError, match="--resume"):
         train_clip(cut)
@@ -410,6 +413,21 @@ def test_train_clip_bad_config_is_one_line(clip_data, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli(["train-clip", *clip_overrides(clip_data, tmp_path / "r", "model.lossy=clip")]) == 2
     assert "lossy" in capsys.readouterr().err
+
+
+def test_eager_attention_gives_the_sdpa_embeddings_and_is_saved(tokenizer, scenes, tmp_path):
+    images, texts = [s["rgb"] for s in scenes[:4]], [s["caption"] for s in scenes[:4]]
+    sdpa = tiny_encoder(tokenizer, vision_stem="convnet", vision_stem_width=4).eval()
+    eager = tiny_encoder(tokenizer, vision_stem="convnet", vision_stem_width=4, attention="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.hf.config._attn_implementation == "eager" and sdpa.hf.config._attn_implementation == "sdpa"
+    assert torch.allclose(eager.encode_image(images), sdpa.encode_image(images), atol=1e-5)
+    assert torch.allclose(eager.encode_text(texts), sdpa.encode_text(texts), atol=1e-5)
+    eager.save_pretrained(tmp_path / "enc")
+    loaded = ImageTextEncoder.from_pretrained(tmp_path / "enc")
+    assert loaded.config.attention == "eager" and loaded.hf.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attention must be"):
+        ContrastiveConfig(**{**TINY, "attention": "flash"})
 
 
 def test_shipped_config_parses():
