@@ -217,7 +217,7 @@ class FrozenFeatureEmbedding(nn.Module):
     values (B, N, F) with N = g * g and F = P * P * 3 -> (B, N, D).
     """
 
-    def __init__(self, spec: dict[str, Any], patch_dim: int, grid_size: int, dim: int) -> None:
+    def __init__(self, spec: dict[str, Any], patch_dim: int, grid_size: int, dim: int, with_pixels: bool = False) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -242,6 +242,8 @@ class FrozenFeatureEmbedding(nn.Module):
         self.register_buffer("std", torch.tensor(spec["image_std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.norm = nn.LayerNorm(int(config.hidden_size))
         self.linear = nn.Linear(int(config.hidden_size), dim)
+        # with_pixels ("pixels_clip_sum"): + a learned linear embedding of the raw patch (what "pixels" feeds)
+        self.pixel_linear = nn.Linear(patch_dim, dim) if with_pixels else None
 
     @property
     def in_features(self) -> int:
@@ -288,4 +290,7 @@ class FrozenFeatureEmbedding(nn.Module):
         return hidden.detach().float()
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(self.features(values)))
+        out = self.linear(self.norm(self.features(values)))
+        if self.pixel_linear is not None:
+            out = out + self.pixel_linear(values)
+        return out

@@ -46,7 +46,8 @@ __all__ = ["OneModelConfig", "OneModel", "ModelOutput", "EncoderOutput", "Decode
 logger = logging.getLogger(__name__)
 
 # how a modality's input tokens are embedded (OneModelConfig.input_embeddings)
-INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv", "pixels_cnn", "pixels_clip")
+INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv", "pixels_cnn", "pixels_clip",
+                    "pixels_clip_sum")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,9 +175,9 @@ class OneModelConfig:
             if kind.startswith("pixels") and self.value_dims.get(name, 0) < 1:
                 raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs value_dims[{name!r}] >= 1 (patch side**2 "
                                  "x channels; onemodel train fills it from the tokenizer)")
-            if kind == "pixels_clip":  # the frozen tower's description: present, and on the token grid
+            if kind in ("pixels_clip", "pixels_clip_sum"):  # the frozen tower's description: present, and on the token grid
                 check_feature_spec(name, self.feature_encoders.get(name), by_name[name].grid_size)
-        extra = sorted(set(self.feature_encoders) - {n for n, k in self.input_embeddings.items() if k == "pixels_clip"})
+        extra = sorted(set(self.feature_encoders) - {n for n, k in self.input_embeddings.items() if k in ("pixels_clip", "pixels_clip_sum")})
         if extra:
             raise ValueError(f"feature_encoders names {extra}, which input_embeddings does not read as 'pixels_clip'")
         extra = sorted(set(self.value_dims) - set(self.value_modalities))
@@ -313,9 +314,10 @@ class OneModel(nn.Module):
             return ConvPatchEmbedding(dim, cfg.dim)
         if kind == "pixels_cnn":
             return ConvNetPatchEmbedding(dim, cfg.dim)
-        if kind == "pixels_clip":
+        if kind in ("pixels_clip", "pixels_clip_sum"):
             grid = cfg.modalities[cfg.modality_index(name)].grid_size
-            return FrozenFeatureEmbedding(cfg.feature_encoders[name], dim, grid, cfg.dim)
+            return FrozenFeatureEmbedding(cfg.feature_encoders[name], dim, grid, cfg.dim,
+                                          with_pixels=kind == "pixels_clip_sum")
         return nn.Linear(dim, cfg.dim)
 
     # ---------------------------------------------------------------------------------------------- init

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from onemodel.cli import main
 
@@ -81,6 +82,35 @@ def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path
     assert info["start_step"] >= 6, info  # resumed from a checkpoint, not from scratch
     assert info["final_step"] == 400
     assert summary["stages"]["tokenizers"] == 0.0  # cached
+
+
+def test_clip_stage_trains_the_encoder_the_model_reads(quick_demo: Path, tmp_path: Path, capsys):
+    """--clip: a contrastive encoder is trained on the captions after the tokenizers (cached ones are reused), and the
+    one model reads rgb through that encoder's frozen vision tower (its weights, bit for bit)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_demo, out)
+    before = json.loads((out / "demo_state.json").read_text())
+    assert before["clip"]["info"] == {"skipped": "no clip config"}
+    assert main(["demo", "--quick", "--clip", "--no-progress", "--out", str(out)]) == 0
+    state = json.loads((out / "demo_state.json").read_text())
+    assert state["tokenizers"] == before["tokenizers"]  # not re-run
+    assert state["clip"]["info"]["final_step"] == 4 and (out / "clip" / "model" / "contrastive.json").is_file()
+    config = json.loads((out / "run" / "model" / "config.json").read_text())
+    assert config["input_embeddings"] == {"rgb": "pixels_clip"} and set(config["feature_encoders"]) == {"rgb"}
+    encoder = load_file(str(out / "clip" / "model" / "model.safetensors"))
+    model = load_file(str(out / "run" / "model" / "model.safetensors"))
+    tower = {k.split(".tower.", 1)[1]: v for k, v in model.items() if ".tower." in k}
+    vision = {k[len("vision_model."):]: v for k, v in encoder.items() if k.startswith("vision_model.")}
+    assert tower and tower.keys() == vision.keys() and all(torch.equal(tower[k], vision[k]) for k in tower)
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert 0.0 <= results["vqa"]["accuracy"] <= 1.0
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--clip", "--no-progress", "--out", str(out)]) == 0  # all cached now
+    assert "clip             0.0  (cached)" in capsys.readouterr().out
 
 
 def test_bad_training_override_fails_before_any_stage(tmp_path: Path):

@@ -96,7 +96,7 @@ def test_fit_rerun_is_cached_and_prints_next_commands(split_folder_run, capsys):
     assert _fit(data, out) == 0
     assert json.loads((out / "fit_state.json").read_text()) == before  # nothing re-ran
     printed = capsys.readouterr().out
-    assert printed.count("(cached)") == 5
+    assert printed.count("(cached)") == 5 - 1 and "clip             0.0  (skipped: no clip config)" in printed
     assert "tasks: rgb -> caption; rgb+question -> answer; caption -> rgb" in printed
     assert f"onemodel caption --model {out / 'run' / 'best_model'}" in printed
     assert "onemodel answer --model" in printed and "onemodel serve --model" in printed
@@ -106,6 +106,27 @@ def test_fit_rerun_is_cached_and_prints_next_commands(split_folder_run, capsys):
     for stage in ("data", "tokenizers", "tokenize"):
         assert after[stage] == before[stage]
     assert after["train"]["key"] != before["train"]["key"]
+
+
+def test_fit_clip_stage_at_the_data_resolution(split_folder_run, tmp_path):
+    """--clip on a user's folder (32x32 after resizing): the encoder is trained at that resolution, so its patch grid
+    is the model's 4x4 token grid, and the model reads rgb through it; data without captions skips the stage."""
+    import shutil
+
+    from training.fit import FitSettings, uses_clip
+
+    data, out = split_folder_run
+    clipped = tmp_path / "out"
+    shutil.copytree(out, clipped)
+    assert _fit(data, clipped, "--clip") == 0
+    encoder = json.loads((clipped / "clip" / "model" / "contrastive.json").read_text())["config"]
+    assert (encoder["image_size"], encoder["patch_size"]) == (32, 8)
+    model = json.loads((clipped / "run" / "best_model" / "config.json").read_text())
+    assert model["input_embeddings"] == {"rgb": "pixels_clip"}
+    assert 0.0 <= json.loads((clipped / "eval" / "results.json").read_text())["vqa"]["accuracy"] <= 1.0
+    with_clip = FitSettings(clip_config="configs/clip_shapes.yaml")
+    assert uses_clip(with_clip, {"modalities": {"rgb": 5, "caption": 5}})
+    assert not uses_clip(with_clip, {"modalities": {"rgb": 5, "qa": 5}})
 
 
 def test_fit_resumes_interrupted_training(split_folder_run, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -144,6 +145,11 @@ def test_bad_inputs(scenes, caplog, tmp_path):
     with caplog.at_level(logging.WARNING):
         assert rgb.encode(np.zeros((SIZE * 2, SIZE * 2, 3), np.uint8), resize=True).shape == (1, 64)
     assert "resizing" in caplog.text
+    read_only = image.copy()
+    read_only.setflags(write=False)  # as decoded from a shard: encoded without torch's non-writable warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(rgb.encode(read_only), rgb.encode(image))
     with pytest.raises(ValueError, match="empty"):
         rgb.encode(np.zeros((0, SIZE, SIZE, 3), np.uint8))
     with pytest.raises(ValueError, match="empty"):

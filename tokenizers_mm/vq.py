@@ -400,7 +400,9 @@ class VQTokenizer(nn.Module, ModalityTokenizer):
                 raise TypeError(f"semseg expects integer class ids, got dtype {dtype}; convert with .astype(np.int64)")
         if arr.shape[0] == 0:
             raise ValueError(f"empty batch: pass at least one {mod} image")
-        t = arr if is_tensor else torch.from_numpy(np.ascontiguousarray(arr))
+        if not is_tensor:  # a read-only array (e.g. decoded from a shard) is copied: torch warns on those
+            arr = np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr)
+        t = arr if is_tensor else torch.from_numpy(arr)
         t = t.to(self.device)
 
         if mod == "rgb":

@@ -28,8 +28,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("data", "tokenizers", "tokenize", "train", "eval")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CLIP_CONFIG = str(CONFIG_DIR / "clip_shapes.yaml")
 
 
 @dataclass
@@ -49,6 +49,8 @@ class DemoSettings:
     eval_limit: int = 200
     eval_batch_size: int = 50
     seed: int = 0
+    clip_config: str | None = None  # a train-clip config: the "clip" stage trains it, the model reads rgb through it
+    clip_overrides: list[str] = field(default_factory=list)
 
     def fit_settings(self) -> Any:
         """The ``fit`` settings of this demo: the demo's sizes, no small-data recipe (4000 images)."""
@@ -59,6 +61,7 @@ class DemoSettings:
             text_vocab_size=self.text_vocab_size, depth_range=[0.5, 20.0], train_config=self.train_config,
             train_overrides=list(self.train_overrides), small_data=False, augment_copies=0,
             eval_limit=self.eval_limit, eval_batch_size=self.eval_batch_size, seed=self.seed,
+            clip_config=self.clip_config, clip_overrides=list(self.clip_overrides),
         )
 
 
@@ -74,23 +77,27 @@ DEFAULT_OUT = {"full": "runs/demo", "quick": "runs/demo_quick", "long": "runs/de
 
 
 def _quick_preset() -> DemoSettings:
-    from training.fit import QUICK_TOKENIZERS, QUICK_TRAIN
+    from training.fit import QUICK_CLIP, QUICK_TOKENIZERS, QUICK_TRAIN
 
     return dataclasses.replace(PRESETS["quick"], tokenizer_training=QUICK_TOKENIZERS, train_overrides=QUICK_TRAIN,
-                               eval_limit=6, eval_batch_size=6)
+                               eval_limit=6, eval_batch_size=6, clip_overrides=QUICK_CLIP)
 
 
 def run_demo(out_dir: str | Path, preset: str = "full", force: bool = False, progress: bool = True,
-             stop_after: str | None = None, train_overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+             stop_after: str | None = None, train_overrides: list[str] | tuple[str, ...] = (),
+             clip: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo into ``out_dir``; returns ``{"stages": {name: seconds}, "results": {...},
     "report": path}``. ``force`` re-runs every stage; ``stop_after`` ends after the named stage;
-    ``train_overrides``: extra dotted overrides of the training config (``optim.max_steps=100``)."""
+    ``train_overrides``: extra dotted overrides of the training config (``optim.max_steps=100``); ``clip``: train
+    the contrastive encoder first (``CLIP_CONFIG``) and feed the one model its features (the long preset does)."""
     from training.data.shapes import GENERATOR_VERSION
     from training.fit import run_fit
 
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
     settings = _quick_preset() if preset == "quick" else PRESETS[preset]
+    if clip and not settings.clip_config:
+        settings = dataclasses.replace(settings, clip_config=CLIP_CONFIG)
 
     def make_data(out: Path) -> dict[str, Any]:
         from training.data.shapes import make_shapes_dataset
@@ -116,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: the default 10-minute demo; long: the same trained 4x longer (about 30 minutes "
                              "idle) for the targets the default misses; quick: toy size (about a minute)")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    parser.add_argument("--clip", action="store_true",
+                        help="first train a contrastive image-text encoder (configs/clip_shapes.yaml) and feed the one "
+                             "model its frozen features (the long preset always does)")
     parser.add_argument("--force", action="store_true", help="re-run every stage instead of reusing finished ones")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -131,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or DEFAULT_OUT[preset])
     start = time.perf_counter()
     summary = run_demo(out, preset=preset, force=args.force, progress=not args.no_progress,
-                       train_overrides=args.overrides)
+                       train_overrides=args.overrides, clip=args.clip)
     print_summary(summary, time.perf_counter() - start)
     return 0

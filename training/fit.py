@@ -9,6 +9,9 @@ after it; an interrupted training resumes from its last checkpoint):
                   validation split is made from train when there is none (seeded fraction); test is only scored
 2. ``tokenizers`` a VQ tokenizer for rgb and for depth / semseg when the data has them, and a text tokenizer when
                   it has captions, questions or boxes -> ``OUT/tokenizers``
+   ``clip``       only with ``FitSettings.clip_config`` (the demo's and fit's ``long`` presets) and captions in the
+                  data: a contrastive image-text encoder (``onemodel train-clip``) -> ``OUT/clip``; the one model then
+                  reads rgb through its frozen vision tower (``model.input_embeddings={rgb: pixels_clip}``)
 3. ``tokenize``   (small data: augmented copies of the training images first) -> token shards ``OUT/tokens``
 4. ``train``      one model on every task the data supports -> ``OUT/run``
 5. ``eval``       every task scored on the test split (validation when there is no test split) -> ``OUT/eval``,
@@ -47,7 +50,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("data", "tokenizers", "tokenize", "train", "eval")
+STAGES = ("data", "tokenizers", "clip", "tokenize", "train", "eval")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SMALL_DATA = 2000  # training images below which the small-data recipe applies
 # The small-data recipe (measured on 500 shapes images with captions + QA; docs/own-data.md has the table):
@@ -78,6 +81,10 @@ class FitSettings:
     eval_limit: int = 200
     eval_batch_size: int = 50
     seed: int = 0
+    # a train-clip config: when set (and the data has captions) the "clip" stage trains that contrastive encoder and
+    # the one model reads rgb through its frozen vision tower (pixels_clip); clip_overrides: its dotted overrides
+    clip_config: str | None = None
+    clip_overrides: list[str] = field(default_factory=list)
 
 
 QUICK_TRAIN = [
@@ -86,12 +93,17 @@ QUICK_TRAIN = [
     "model.dim=64", "model.num_heads=2", "model.encoder_depth=2", "model.decoder_depth=2",
     "num_threads=1",  # a toy model gains nothing from a second thread, and the test suite may share the cores
 ]
+# the clip stage at toy size (with --clip): a 1-layer CLIP trained for 4 steps
+QUICK_CLIP = ["model.vision_width=32", "model.vision_layers=1", "model.vision_heads=2", "model.text_width=32",
+              "model.text_layers=1", "model.text_heads=2", "model.embed_dim=32", "model.vision_stem_width=4",
+              "optim.max_steps=4", "optim.warmup_steps=1", "optim.batch_size=8", "checkpoint.every=0",
+              "logging.eval_every=0", "data.val_samples=8", "num_threads=1"]
 QUICK_TOKENIZERS = {m: {"training.steps": 15, "training.batch_size": 4, "training.max_val_samples": 16,
                         "tokenizer.base_channels": 8, "tokenizer.codebook_size": 128}
                     for m in ("rgb", "depth", "semseg")}
 PRESETS: dict[str, FitSettings] = {
     "quick": FitSettings(tokenizer_training=QUICK_TOKENIZERS, train_overrides=QUICK_TRAIN, eval_limit=6,
-                         eval_batch_size=6),
+                         eval_batch_size=6, clip_overrides=QUICK_CLIP),
     "default": FitSettings(),
     "long": FitSettings(train_overrides=["optim.max_steps=2400", "checkpoint.every=600", "logging.eval_every=300"]),
 }
@@ -436,6 +448,31 @@ def _stage_tokenize(data_dir: Path, paths: dict[str, Path], plan: dict[str, Any]
     return {k: result[k] for k in ("splits", "num_samples", "seconds") if k in result}
 
 
+def uses_clip(settings: FitSettings, plan: dict[str, Any]) -> bool:
+    """Whether the ``clip`` stage trains a contrastive encoder for this data (a clip config and captions)."""
+    return bool(settings.clip_config) and "caption" in plan["modalities"]
+
+
+def _stage_clip(settings: FitSettings, plan: dict[str, Any], data_dir: Path, paths: dict[str, Path], key: str,
+                progress: bool = True) -> dict[str, Any]:
+    if not uses_clip(settings, plan):
+        return {"skipped": "no clip config" if not settings.clip_config else "the data has no captions"}
+    from training.train_clip import load_clip_config, train_clip
+
+    marker = paths["clip"] / "fit_clip_key.txt"  # as in the train stage: never resume another setting's run
+    if paths["clip"].exists() and (not marker.is_file() or marker.read_text().strip() != key):
+        shutil.rmtree(paths["clip"])
+    paths["clip"].mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
+    # the encoder sees the images at the data's resolution, so its patch grid is the token grid (8x downsampling)
+    size = [f"model.image_size={plan['resolution']}"] if plan.get("resolution") else []
+    config = load_clip_config(settings.clip_config, [
+        *size, f"data.path={data_dir}", "data.text_key=caption", f"checkpoint.out_dir={paths['clip']}",
+        f"seed={settings.seed}", *settings.clip_overrides, *([] if progress else ["logging.progress_bar=false"])])
+    summary = train_clip(config, resume=True)
+    return {k: summary.get(k) for k in ("start_step", "final_step", "wall_time_s", "train_loss", "val")}
+
+
 def train_overrides(settings: FitSettings, plan: dict[str, Any], paths: dict[str, Path],
                     progress: bool = True) -> list[str]:
     """The dotted overrides of ``settings.train_config`` for this data: paths, tasks, recipe, preset, user's."""
@@ -452,6 +489,8 @@ def train_overrides(settings: FitSettings, plan: dict[str, Any], paths: dict[str
         f"logging.heldout_data={paths['data']}",  # learning curves (logging.heldout_every) on this data's val split
         f"seed={settings.seed}",
         f"masking.tasks={tasks}",
+        *([f"model.input_embeddings={{rgb: pixels_clip}}", f"model.feature_encoders={{rgb: '{paths['clip'] / 'model'}'}}"]
+          if uses_clip(settings, plan) else []),
         *plan["recipe_overrides"],
         *settings.train_overrides,
         *([] if progress else ["logging.progress_bar=false"]),
@@ -551,7 +590,7 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = StageState(out / state_name)
-    paths = {"data": out / "data", "tokenizers": out / "tokenizers", "tokens": out / "tokens",
+    paths = {"data": out / "data", "tokenizers": out / "tokenizers", "clip": out / "clip", "tokens": out / "tokens",
              "augmented": out / "augmented", "run": out / "run", "eval": out / "eval", "report": out / "report"}
     from training.tokenizer_training import RECOMMENDED
 
@@ -606,6 +645,9 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
                     plan["tokenizers"], settings.seed, recommended]
     stage_plan = [
         ("tokenizers", tok_settings, lambda: _stage_tokenizers(settings, plan, data_dir, paths["tokenizers"], progress)),
+        ("clip", [Path(settings.clip_config).read_text() if uses_clip(settings, plan) else None,
+                  settings.clip_overrides if uses_clip(settings, plan) else None],
+         lambda: _stage_clip(settings, plan, data_dir, paths, keys["clip"], progress)),
         ("tokenize", [plan["augment_copies"], settings.seed, TOKEN_VERSION],
          lambda: _stage_tokenize(data_dir, paths, plan, settings.seed, progress)),
         ("train", [Path(settings.train_config).read_text(), train_overrides(settings, plan, paths)],
@@ -627,7 +669,9 @@ def print_summary(summary: dict[str, Any], total: float) -> None:
     """The stage timings, the eval table, the report and what to do next (shared by ``fit`` and ``demo``)."""
     print("\nstage        seconds")
     for stage, seconds in summary["stages"].items():
-        print(f"{stage:<12} {seconds:>7.1f}" + ("  (cached)" if seconds == 0.0 else ""))
+        skipped = summary.get("state", {}).get(stage, {}).get("info", {}).get("skipped")
+        note = f"  (skipped: {skipped})" if skipped else "  (cached)" if seconds == 0.0 else ""
+        print(f"{stage:<12} {seconds:>7.1f}{note}")
     print(f"{'total':<12} {total:>7.1f}")
     metrics_md = Path(summary["out_dir"]) / "eval" / "metrics.md"
     if metrics_md.is_file():
@@ -657,6 +701,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"on below {SMALL_DATA} training images")
     parser.add_argument("--augment-copies", type=int, default=None,
                         help="augmented copies of each training image (default: the recipe's)")
+    parser.add_argument("--clip", action="store_true",
+                        help="when the data has captions: first train a contrastive image-text encoder on them "
+                             "(configs/clip_shapes.yaml) and feed the one model its frozen image features")
     parser.add_argument("--force", action="store_true", help="re-run every stage instead of reusing finished ones")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -667,6 +714,8 @@ def run(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(
         PRESETS[args.preset], resolution=args.resolution, val_fraction=args.val_fraction,
         small_data={"auto": None, "on": True, "off": False}[args.small_data], augment_copies=args.augment_copies)
+    if args.clip and not settings.clip_config:
+        settings = dataclasses.replace(settings, clip_config=str(CONFIG_DIR / "clip_shapes.yaml"))
     out = Path(args.out or Path("runs") / Path(args.data).resolve().name)
     start = time.perf_counter()
     summary = run_fit(args.data, out, settings, force=args.force, progress=not args.no_progress,
