@@ -214,6 +214,9 @@ class FrozenFeatureEmbedding(nn.Module):
     so the optimizer holds no state for them; they are saved with the model, so a saved model loads without the
     encoder's directory. ``load_encoder(encoder)`` copies the weights of a trained ``ImageTextEncoder`` in.
 
+    ``with_pixels`` (``input_embeddings`` "pixels_and_clip"): a learned Linear(F, D) of the raw patch row (the
+    "pixels" embedding) is added, so what the frozen features drop (measured: depth's vertical position) stays.
+
     values (B, N, F) with N = g * g and F = P * P * 3 -> (B, N, D).
     """
 
@@ -242,7 +245,6 @@ class FrozenFeatureEmbedding(nn.Module):
         self.register_buffer("std", torch.tensor(spec["image_std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.norm = nn.LayerNorm(int(config.hidden_size))
         self.linear = nn.Linear(int(config.hidden_size), dim)
-        # with_pixels ("pixels_clip_sum"): + a learned linear embedding of the raw patch (what "pixels" feeds)
         self.pixel_linear = nn.Linear(patch_dim, dim) if with_pixels else None
 
     @property

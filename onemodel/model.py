@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 # how a modality's input tokens are embedded (OneModelConfig.input_embeddings)
 INPUT_EMBEDDINGS = ("table", "codebook", "codebook_trainable", "pixels", "pixels_conv", "pixels_cnn", "pixels_clip",
-                    "pixels_clip_sum")
+                    "pixels_and_clip")
+FEATURE_INPUTS = ("pixels_clip", "pixels_and_clip")  # the kinds that read a frozen vision tower (feature_encoders)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,11 +96,13 @@ class OneModelConfig:
         starves the captions, docs/recipe.md).
         "pixels_clip": the same pixels through the frozen vision tower of a contrastive encoder
         (``onemodel.contrastive``) and a learned projection (``FrozenFeatureEmbedding``; needs ``feature_encoders``).
+        "pixels_and_clip": both summed, the "pixels" linear patch embedding + the "pixels_clip" features (measured
+        at 900 demo steps: the CLIP features' VQA / caption gains and the pixels' depth, docs/recipe.md).
     codebook_dims: width of the code vectors of each codebook-embedded modality (filled from the tokenizer by
         ``onemodel train``; the vectors are saved with the model, ``set_input_codebook`` loads them).
     value_dims: width F of one input patch row of each pixel-embedded modality (P * P * channels; filled from the
         tokenizer's image and grid size by ``onemodel train``).
-    feature_encoders: the frozen vision tower of each "pixels_clip" modality, name -> ``feature_encoder_spec(encoder)``
+    feature_encoders: the frozen vision tower of each "pixels_clip" / "pixels_and_clip" modality, name -> ``feature_encoder_spec(encoder)``
         (transformers vision config + pixel normalisation + layer; ``onemodel train`` makes it from the encoder
         directory named in the training config); its weights are saved in ``model.safetensors``. Its patch grid
         must equal the modality's token grid.
@@ -175,11 +178,12 @@ class OneModelConfig:
             if kind.startswith("pixels") and self.value_dims.get(name, 0) < 1:
                 raise ValueError(f"input_embeddings[{name!r}] = {kind!r} needs value_dims[{name!r}] >= 1 (patch side**2 "
                                  "x channels; onemodel train fills it from the tokenizer)")
-            if kind in ("pixels_clip", "pixels_clip_sum"):  # the frozen tower's description: present, and on the token grid
+            if kind in FEATURE_INPUTS:  # the frozen tower's description: present, and on the token grid
                 check_feature_spec(name, self.feature_encoders.get(name), by_name[name].grid_size)
-        extra = sorted(set(self.feature_encoders) - {n for n, k in self.input_embeddings.items() if k in ("pixels_clip", "pixels_clip_sum")})
+        extra = sorted(set(self.feature_encoders) - {n for n, k in self.input_embeddings.items() if k in FEATURE_INPUTS})
         if extra:
-            raise ValueError(f"feature_encoders names {extra}, which input_embeddings does not read as 'pixels_clip'")
+            raise ValueError(f"feature_encoders names {extra}, which input_embeddings does not read as one of "
+                             f"{FEATURE_INPUTS}")
         extra = sorted(set(self.value_dims) - set(self.value_modalities))
         if extra:
             raise ValueError(f"value_dims names {extra}, which input_embeddings does not embed from pixels")
@@ -314,10 +318,10 @@ class OneModel(nn.Module):
             return ConvPatchEmbedding(dim, cfg.dim)
         if kind == "pixels_cnn":
             return ConvNetPatchEmbedding(dim, cfg.dim)
-        if kind in ("pixels_clip", "pixels_clip_sum"):
+        if kind in FEATURE_INPUTS:
             grid = cfg.modalities[cfg.modality_index(name)].grid_size
             return FrozenFeatureEmbedding(cfg.feature_encoders[name], dim, grid, cfg.dim,
-                                          with_pixels=kind == "pixels_clip_sum")
+                                          with_pixels=kind == "pixels_and_clip")
         return nn.Linear(dim, cfg.dim)
 
     # ---------------------------------------------------------------------------------------------- init

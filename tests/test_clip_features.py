@@ -42,10 +42,10 @@ def _modalities(bundle):
     return tuple(Modality(**s) for s in bundle.modalities(LENGTHS))
 
 
-def _model(bundle, encoder) -> OneModel:
+def _model(bundle, encoder, kind: str = "pixels_clip") -> OneModel:
     torch.manual_seed(0)
     model = OneModel(OneModelConfig(modalities=_modalities(bundle), dim=64, encoder_depth=2, decoder_depth=2,
-                                    num_heads=4, input_embeddings={"rgb": "pixels_clip"},
+                                    num_heads=4, input_embeddings={"rgb": kind},
                                     value_dims={"rgb": patch_dim(SIZE, GRID)},
                                     feature_encoders={"rgb": feature_encoder_spec(encoder)}))
     model.input_patches["rgb"].load_encoder(encoder)
@@ -66,7 +66,7 @@ def test_config_checks_and_grid_mismatch(bundle):
     wrong = tiny_clip(bundle.text, image_size=16, patch_size=8)  # 2x2 patches for a 4x4 token grid
     with pytest.raises(ValueError, match=r"patch grid \(16px / patch 8 = 2x2\) differs from 'rgb''s 4x4 token grid"):
         OneModelConfig(**base, feature_encoders={"rgb": feature_encoder_spec(wrong)})
-    with pytest.raises(ValueError, match="does not read as 'pixels_clip'"):
+    with pytest.raises(ValueError, match="does not read as one of"):
         OneModelConfig(modalities=mods, dim=32, num_heads=2, feature_encoders={"rgb": feature_encoder_spec(wrong)})
     other = tiny_clip(bundle.text, image_size=32, patch_size=8)  # same 4x4 grid, larger images: resized to it
     model = OneModel(OneModelConfig(**base, feature_encoders={"rgb": feature_encoder_spec(other)}))
@@ -87,10 +87,19 @@ def test_tower_reproduces_the_encoders_patch_features(bundle, samples):
     assert not torch.allclose(FrozenFeatureEmbedding(feature_encoder_spec(encoder), 48, GRID, 64).features(values), want)
 
 
-def test_frozen_overfit_pipeline_and_save_load(bundle, samples, tmp_path):
+@pytest.mark.parametrize("kind", ["pixels_clip", "pixels_and_clip"])
+def test_frozen_overfit_pipeline_and_save_load(bundle, samples, tmp_path, kind):
     encoder = tiny_clip(bundle.text)
-    model = _model(bundle, encoder)
+    model = _model(bundle, encoder, kind)
     tower = model.input_patches["rgb"].tower
+    pixel_linear = model.input_patches["rgb"].pixel_linear
+    assert (pixel_linear is not None) == (kind == "pixels_and_clip")
+    if pixel_linear is not None:  # the raw patches are read too: another patch gives another embedding
+        values = torch.stack([_pixels(samples[1]["rgb"])])
+        with torch.no_grad():
+            features_only = model.input_patches["rgb"].linear(model.input_patches["rgb"].norm(
+                model.input_patches["rgb"].features(values)))
+            torch.testing.assert_close(model.input_patches["rgb"](values), features_only + pixel_linear(values))
     tower_before = {k: v.clone() for k, v in tower.state_dict().items()}
     train = [samples[1], samples[29]]
     pipe = OneModelPipeline(model, bundle, device="cpu")
@@ -114,6 +123,8 @@ def test_frozen_overfit_pipeline_and_save_load(bundle, samples, tmp_path):
     assert all(torch.equal(tower.state_dict()[k], v) for k, v in tower_before.items())  # unchanged
     assert not any(id(p) in {id(q) for q in opt.state} for p in tower.parameters())  # no optimizer state
     assert not torch.equal(model.input_patches["rgb"].linear.weight, proj_before)  # the projection learns
+    if pixel_linear is not None:
+        assert id(pixel_linear.weight) in in_optimizer and pixel_linear.weight.grad is not None
     text = bundle.text
     assert pipe.caption([s["rgb"] for s in train]) == [text.normalize(s["caption"]) for s in train]
     assert pipe.answer([s["rgb"] for s in train], [q["question"] for q in qa]) == [text.normalize(q["answer"]) for q in qa]

@@ -100,7 +100,7 @@ def test_clip_stage_trains_the_encoder_the_model_reads(quick_demo: Path, tmp_pat
     assert state["tokenizers"] == before["tokenizers"]  # not re-run
     assert state["clip"]["info"]["final_step"] == 4 and (out / "clip" / "model" / "contrastive.json").is_file()
     config = json.loads((out / "run" / "model" / "config.json").read_text())
-    assert config["input_embeddings"] == {"rgb": "pixels_clip"} and set(config["feature_encoders"]) == {"rgb"}
+    assert config["input_embeddings"] == {"rgb": "pixels_and_clip"} and set(config["feature_encoders"]) == {"rgb"}
     encoder = load_file(str(out / "clip" / "model" / "model.safetensors"))
     model = load_file(str(out / "run" / "model" / "model.safetensors"))
     tower = {k.split(".tower.", 1)[1]: v for k, v in model.items() if ".tower." in k}
@@ -135,5 +135,6 @@ def test_long_preset_is_the_full_demo_trained_longer(capsys):
     base = load_train_config(full.train_config, full.train_overrides)
     cfg = load_train_config(long.train_config, long.train_overrides)
     assert cfg.optim.max_steps == 4 * base.optim.max_steps and cfg.model == base.model
+    assert long.fit_settings().clip_config and not full.fit_settings().clip_config  # long trains the clip stage first
     assert main(["demo", "--quick", "--preset", "long"]) == 2
     assert "contradict" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_fit_clip_stage_at_the_data_resolution(split_folder_run, tmp_path):
     encoder = json.loads((clipped / "clip" / "model" / "contrastive.json").read_text())["config"]
     assert (encoder["image_size"], encoder["patch_size"]) == (32, 8)
     model = json.loads((clipped / "run" / "best_model" / "config.json").read_text())
-    assert model["input_embeddings"] == {"rgb": "pixels_clip"}
+    assert model["input_embeddings"] == {"rgb": "pixels_and_clip"}
     assert 0.0 <= json.loads((clipped / "eval" / "results.json").read_text())["vqa"]["accuracy"] <= 1.0
     with_clip = FitSettings(clip_config="configs/clip_shapes.yaml")
     assert uses_clip(with_clip, {"modalities": {"rgb": 5, "caption": 5}})

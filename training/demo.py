@@ -71,7 +71,9 @@ LONG_TRAIN = ["optim.max_steps=3600", "optim.warmup_steps=100", "logging.heldout
 PRESETS: dict[str, DemoSettings] = {
     "full": DemoSettings(),
     "quick": DemoSettings(num_train=160, num_val=16, num_test=16, text_vocab_size=256),
-    "long": DemoSettings(train_overrides=list(LONG_TRAIN)),
+    # + the clip stage: a contrastive encoder on the captions (configs/clip_shapes.yaml, ~4 min on 2 threads), read
+    # by the one model as pixels + frozen CLIP features (pixels_and_clip)
+    "long": DemoSettings(train_overrides=list(LONG_TRAIN), clip_config=CLIP_CONFIG, clip_overrides=["num_threads=2"]),
 }
 DEFAULT_OUT = {"full": "runs/demo", "quick": "runs/demo_quick", "long": "runs/demo_long"}
 

@@ -11,7 +11,8 @@ after it; an interrupted training resumes from its last checkpoint):
                   it has captions, questions or boxes -> ``OUT/tokenizers``
    ``clip``       only with ``FitSettings.clip_config`` (the demo's and fit's ``long`` presets) and captions in the
                   data: a contrastive image-text encoder (``onemodel train-clip``) -> ``OUT/clip``; the one model then
-                  reads rgb through its frozen vision tower (``model.input_embeddings={rgb: pixels_clip}``)
+                  reads rgb through its frozen vision tower summed with the raw pixel patches
+                  (``model.input_embeddings={rgb: pixels_and_clip}``)
 3. ``tokenize``   (small data: augmented copies of the training images first) -> token shards ``OUT/tokens``
 4. ``train``      one model on every task the data supports -> ``OUT/run``
 5. ``eval``       every task scored on the test split (validation when there is no test split) -> ``OUT/eval``,
@@ -82,7 +83,8 @@ class FitSettings:
     eval_batch_size: int = 50
     seed: int = 0
     # a train-clip config: when set (and the data has captions) the "clip" stage trains that contrastive encoder and
-    # the one model reads rgb through its frozen vision tower (pixels_clip); clip_overrides: its dotted overrides
+    # the one model reads rgb through its frozen vision tower + the pixels (pixels_and_clip); clip_overrides: its
+    # dotted overrides
     clip_config: str | None = None
     clip_overrides: list[str] = field(default_factory=list)
 
@@ -489,7 +491,7 @@ def train_overrides(settings: FitSettings, plan: dict[str, Any], paths: dict[str
         f"logging.heldout_data={paths['data']}",  # learning curves (logging.heldout_every) on this data's val split
         f"seed={settings.seed}",
         f"masking.tasks={tasks}",
-        *([f"model.input_embeddings={{rgb: pixels_clip}}", f"model.feature_encoders={{rgb: '{paths['clip'] / 'model'}'}}"]
+        *([f"model.input_embeddings={{rgb: pixels_and_clip}}", f"model.feature_encoders={{rgb: '{paths['clip'] / 'model'}'}}"]
           if uses_clip(settings, plan) else []),
         *plan["recipe_overrides"],
         *settings.train_overrides,
