@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,15 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.evaluation import metrics  # noqa: E402
 
-KINDS = [("^how many", "count"), ("^is there", "yes/no"), ("^what colou?r", "color"), ("^what shape", "shape"),
-         ("^what size", "size"), ("^what is (left|right|above|below|in front|behind)", "relation")]
-
-
-def question_kind(q: str) -> str:
-    for pat, name in KINDS:
-        if re.search(pat, q):
-            return name
-    return "other"
+question_kind = metrics.question_kind  # count, yes/no, color, shape, size, relation
 
 
 @torch.no_grad()

@@ -163,6 +163,20 @@ def test_vqa_accuracy_single_answers():
     assert vqa_accuracy(answers, answers)["accuracy"] == 1.0
 
 
+def test_vqa_accuracy_by_question_kind():
+    from training.evaluation.metrics import question_kind, vqa_accuracy_by_kind
+
+    questions = ["how many circles are there?", "is there a red square?", "is there a blue circle?",
+                 "what color is the triangle?", "what is left of the red circle?", "What shape is the blue object?"]
+    preds, answers = ["2", "yes", "yes", "red", "nothing", "circle"], ["two", "yes", "no", "Red", "the square", "circle"]
+    assert vqa_accuracy_by_kind(preds, answers, questions) == {
+        "acc_count": 1.0, "acc_yes_no": 0.5, "acc_color": 1.0, "acc_relation": 0.0, "acc_shape": 1.0}
+    kinds = {question_kind(qa["question"]) for s in generate_split("test", 30) for qa in s["qa"]}
+    assert kinds == {"count", "yes/no", "color", "shape", "size", "relation"}  # every generated question has a kind
+    with pytest.raises(ValueError, match="equally long"):
+        vqa_accuracy_by_kind(["a"], ["a", "b"], ["q"])
+
+
 def test_vqa_accuracy_ten_human_answers():
     # official formula, averaged over the 10 leave-one-out subsets of 9 answers
     three = ["red"] * 3 + ["blue"] * 7  # red answers see 2 matches (2/3), blue ones see 3 (1)

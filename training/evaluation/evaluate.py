@@ -183,6 +183,9 @@ def evaluate_samples(
                 pairs, batch_size, "vqa", progress,
             )  # fmt: skip
             ev.results["vqa"] = metrics.vqa_accuracy(preds, [a for _, _, a in pairs])
+            if shapes:  # per question kind (count, yes/no, color, shape, size, relation): where the model fails
+                ev.results["vqa"].update(metrics.vqa_accuracy_by_kind(preds, [a for _, _, a in pairs],
+                                                                      [q for _, q, _ in pairs]))
             ev.examples["vqa"] = [
                 {"inputs": {"rgb": images[i], "question": q}, "prediction": p, "target": a}
                 for (i, q, a), p in zip(pairs[:k], preds)

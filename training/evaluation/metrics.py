@@ -343,6 +343,31 @@ def normalize_answer(answer: str) -> str:
     return " ".join(words)
 
 
+# the question kinds of the shapes data (training.data.shapes._questions), by the question's opening words
+QUESTION_KINDS = [("^how many", "count"), ("^is there", "yes/no"), ("^what colou?r", "color"), ("^what shape", "shape"),
+                  ("^what size", "size"), ("^what is (left|right|above|below|in front|behind)", "relation")]
+
+
+def question_kind(question: str) -> str:
+    """The kind of a shapes question (``QUESTION_KINDS``): count, yes/no, color, shape, size, relation or other."""
+    q = question.strip().lower()
+    for pattern, name in QUESTION_KINDS:
+        if re.search(pattern, q):
+            return name
+    return "other"
+
+
+def vqa_accuracy_by_kind(predictions: Sequence[str], answers: Sequence[str], questions: Sequence[str]) -> dict[str, float]:
+    """Exact-match VQA accuracy per question kind (:func:`question_kind`): ``{"acc_<kind>": accuracy}`` for each kind
+    present (``acc_yes/no`` is written ``acc_yes_no``)."""
+    if not len(predictions) == len(answers) == len(questions):
+        raise ValueError("predictions, answers and questions must be equally long")
+    hits: dict[str, list[float]] = {}
+    for pred, ans, q in zip(predictions, answers, questions):
+        hits.setdefault(question_kind(q), []).append(float(normalize_answer(pred) == normalize_answer(ans)))
+    return {f"acc_{kind.replace('/', '_')}": sum(v) / len(v) for kind, v in sorted(hits.items())}
+
+
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str] | Sequence[Sequence[str]]) -> dict[str, Any]:
     """VQA accuracy in [0, 1] after :func:`normalize_answer` on both sides.
 
