@@ -9,7 +9,7 @@ after it; an interrupted training resumes from its last checkpoint):
                   validation split is made from train when there is none (seeded fraction); test is only scored
 2. ``tokenizers`` a VQ tokenizer for rgb and for depth / semseg when the data has them, and a text tokenizer when
                   it has captions, questions or boxes -> ``OUT/tokenizers``
-   ``clip``       only with ``FitSettings.clip_config`` (the demo's and fit's ``long`` presets) and captions in the
+   ``clip``       only with ``FitSettings.clip_config`` (``--clip``; the demo's ``long`` preset) and captions in the
                   data: a contrastive image-text encoder (``onemodel train-clip``) -> ``OUT/clip``; the one model then
                   reads rgb through its frozen vision tower summed with the raw pixel patches
                   (``model.input_embeddings={rgb: pixels_and_clip}``)
