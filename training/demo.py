@@ -65,8 +65,8 @@ class DemoSettings:
         )
 
 
-# ``long``: the same data, tokenizers and recipe trained 4x longer (3600 steps; held-out curves every 600 steps), for
-# the targets the 10-minute default does not reach; about 30 minutes on an idle 2-core machine (docs/recipe.md).
+# ``long``: the same data and tokenizers, the clip stage, then 4x the steps (3600; held-out curves every 600 steps) for
+# the targets the 10-minute default does not reach; 34 min 24 s on the idle 2-core machine (docs/recipe.md).
 LONG_TRAIN = ["optim.max_steps=3600", "optim.warmup_steps=100", "logging.heldout_every=600", "checkpoint.every=600"]
 PRESETS: dict[str, DemoSettings] = {
     "full": DemoSettings(),
@@ -122,8 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory (default: runs/demo, runs/demo_quick with --quick, runs/demo_long with "
                              "--preset long)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full: the default 10-minute demo; long: the same trained 4x longer (about 30 minutes "
-                             "idle) for the targets the default misses; quick: toy size (about a minute)")
+                        help="full: the default 10-minute demo; long: a contrastive encoder first (the clip stage), then "
+                             "4x the steps reading its features (about 35 minutes idle); quick: toy size (about a minute)")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--clip", action="store_true",
                         help="first train a contrastive image-text encoder (configs/clip_shapes.yaml) and feed the one "
