@@ -129,6 +129,25 @@ def test_fit_clip_stage_at_the_data_resolution(split_folder_run, tmp_path):
     assert not uses_clip(with_clip, {"modalities": {"rgb": 5, "qa": 5}})
 
 
+def test_fit_on_qa_only_data_without_captions(tmp_path, caplog):
+    """Questions and answers but no captions: the caption tasks and held-out caption curves are left out (a warning),
+    the run finishes and scores VQA; --clip has no captions to train on and is skipped."""
+    data = tmp_path / "qa_only"
+    _imagefolder(data / "train", 24)
+    _imagefolder(data / "validation", 6, start=100)
+    for split in ("train", "validation"):
+        meta = data / split / "metadata.jsonl"
+        rows = [json.loads(line) for line in meta.read_text().splitlines()]
+        meta.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "caption"}) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        assert _fit(data, tmp_path / "out", "--clip", "logging.heldout_every=3") == 0
+    assert "['caption'] left out" in caplog.text
+    state = json.loads((tmp_path / "out" / "fit_state.json").read_text())
+    assert state["clip"]["info"] == {"skipped": "the data has no captions"}
+    results = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert "vqa" in results and "caption" not in results
+
+
 def test_fit_resumes_interrupted_training(split_folder_run, tmp_path, monkeypatch):
     import shutil
 
