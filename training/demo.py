@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.fit import CLIP_CONFIG
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CLIP_CONFIG = str(CONFIG_DIR / "clip_shapes.yaml")
 
 
 @dataclass

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("data", "tokenizers", "clip", "tokenize", "train", "eval")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CLIP_CONFIG = str(CONFIG_DIR / "clip_shapes.yaml")  # the clip stage's train-clip config (--clip)
 SMALL_DATA = 2000  # training images below which the small-data recipe applies
 # The small-data recipe (measured on 500 shapes images with captions + QA; docs/own-data.md has the table):
 SMALL_DATA_RECIPE: dict[str, Any] = {
@@ -647,8 +648,8 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
                     plan["tokenizers"], settings.seed, recommended]
     stage_plan = [
         ("tokenizers", tok_settings, lambda: _stage_tokenizers(settings, plan, data_dir, paths["tokenizers"], progress)),
-        ("clip", [Path(settings.clip_config).read_text() if uses_clip(settings, plan) else None,
-                  settings.clip_overrides if uses_clip(settings, plan) else None],
+        ("clip", [Path(settings.clip_config).read_text(), settings.clip_overrides] if uses_clip(settings, plan)
+         else [None, None],
          lambda: _stage_clip(settings, plan, data_dir, paths, keys["clip"], progress)),
         ("tokenize", [plan["augment_copies"], settings.seed, TOKEN_VERSION],
          lambda: _stage_tokenize(data_dir, paths, plan, settings.seed, progress)),
@@ -717,7 +718,7 @@ def run(args: argparse.Namespace) -> int:
         PRESETS[args.preset], resolution=args.resolution, val_fraction=args.val_fraction,
         small_data={"auto": None, "on": True, "off": False}[args.small_data], augment_copies=args.augment_copies)
     if args.clip and not settings.clip_config:
-        settings = dataclasses.replace(settings, clip_config=str(CONFIG_DIR / "clip_shapes.yaml"))
+        settings = dataclasses.replace(settings, clip_config=CLIP_CONFIG)
     out = Path(args.out or Path("runs") / Path(args.data).resolve().name)
     start = time.perf_counter()
     summary = run_fit(args.data, out, settings, force=args.force, progress=not args.no_progress,

@@ -40,11 +40,11 @@ class HeldoutEval:
         self.samples = load_samples(source, limit=limit)
         if not self.samples:
             raise ValueError(f"logging.heldout_data: no samples in {source}")
-        from training.evaluation.evaluate import _NEEDS_DATA
+        from training.evaluation.evaluate import missing_data
 
         # a task the held-out data cannot serve (e.g. caption on QA-only data) is left out now, with one warning,
         # instead of failing the first held-out pass after the training compute is spent
-        servable = [t for t in tasks if all(k in self.samples[0] for k in _NEEDS_DATA[t])]
+        servable = [t for t in tasks if not missing_data(t, self.samples[0])]
         dropped = [t for t in tasks if t not in servable]
         if dropped:
             logger.warning("logging.heldout_tasks: %s left out: the held-out samples of %s lack what they need",

@@ -70,6 +70,11 @@ def _has_tokenizers(pipeline: Any) -> bool:
     return toks is not None and any(m in toks for m in _TOKENIZED)
 
 
+def missing_data(task: str, sample: dict[str, Any]) -> list[str]:
+    """What ``task`` needs in a raw sample that ``sample`` lacks (empty: the sample carries its ground truth)."""
+    return [k for k in _NEEDS_DATA[task] if k not in sample]
+
+
 def available_tasks(pipeline: Any, samples: Sequence[dict[str, Any]]) -> list[str]:
     """The tasks of :data:`TASKS` that the samples carry ground truth for and the pipeline can do."""
     model_mods = getattr(pipeline, "modalities", None)
@@ -82,7 +87,7 @@ def available_tasks(pipeline: Any, samples: Sequence[dict[str, Any]]) -> list[st
             if _has_tokenizers(pipeline):
                 out.append(task)
             continue
-        if not samples or not all(k in samples[0] for k in _NEEDS_DATA[task]):
+        if not samples or missing_data(task, samples[0]):
             continue
         if model_mods is not None and not all(m in model_mods for m in _NEEDS_MODEL[task]):
             continue
@@ -141,7 +146,7 @@ def evaluate_samples(
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}: choose from {list(TASKS)}")
     for t in tasks:
-        missing = [k for k in _NEEDS_DATA[t] if k not in samples[0]]
+        missing = missing_data(t, samples[0])
         if missing:
             raise ValueError(f"task {t!r} needs {missing} in the samples, which do not have it; drop the task")
     if "tokenizers" in tasks and not _has_tokenizers(pipeline):
