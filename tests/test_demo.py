@@ -125,16 +125,26 @@ def test_bad_training_override_fails_before_any_stage(tmp_path: Path):
 
 
 def test_long_preset_is_the_full_demo_trained_longer(capsys):
-    """--preset long shares data and tokenizers with the default demo (its cached stages are reused) and trains the
-    same recipe 4x longer; its overrides are valid training-config keys."""
+    """--preset long shares the data with the default demo, trains an rgb tokenizer with more codes (its only
+    tokenizer change) and the same recipe 4x longer with every task's held-out curve; its overrides are valid
+    tokenizer / training-config keys."""
     from training.config import load_train_config
     from training.demo import PRESETS
+    from training.heldout import HELDOUT_METRICS
+    from training.tokenizer_training import load_vq_training_config
 
     full, long = PRESETS["full"], PRESETS["long"]
-    assert (full.num_train, full.grid_size, full.tokenizer_training) == (long.num_train, long.grid_size, long.tokenizer_training)
+    assert (full.num_train, full.grid_size, full.resolution) == (long.num_train, long.grid_size, long.resolution)
+    assert set(long.tokenizer_training) == {"rgb"} and not full.tokenizer_training
+    rgb = load_vq_training_config("rgb", overrides=[f"{k}={v}" for k, v in long.tokenizer_training["rgb"].items()],
+                                  grid_size=long.grid_size)
+    default_rgb = load_vq_training_config("rgb", grid_size=full.grid_size)
+    assert rgb.tokenizer.codebook_size == 16 * default_rgb.tokenizer.codebook_size
+    assert rgb.training.steps == 2 * default_rgb.training.steps
     base = load_train_config(full.train_config, full.train_overrides)
     cfg = load_train_config(long.train_config, long.train_overrides)
     assert cfg.optim.max_steps == 4 * base.optim.max_steps and cfg.model == base.model
+    assert sorted(cfg.logging.heldout_tasks) == sorted(HELDOUT_METRICS)  # a curve for every task
     assert long.fit_settings().clip_config and not full.fit_settings().clip_config  # long trains the clip stage first
     assert main(["demo", "--quick", "--preset", "long"]) == 2
     assert "contradict" in capsys.readouterr().err
