@@ -139,8 +139,8 @@ def test_long_preset_is_the_full_demo_trained_longer(capsys):
     rgb = load_vq_training_config("rgb", overrides=[f"{k}={v}" for k, v in long.tokenizer_training["rgb"].items()],
                                   grid_size=long.grid_size)
     default_rgb = load_vq_training_config("rgb", grid_size=full.grid_size)
-    assert rgb.tokenizer.codebook_size == 16 * default_rgb.tokenizer.codebook_size
-    assert rgb.training.steps == 2 * default_rgb.training.steps
+    assert rgb.tokenizer.quantizer == "fsq" and rgb.tokenizer.vocab_size == 15360 > default_rgb.tokenizer.vocab_size
+    assert rgb.training.steps == 4 * default_rgb.training.steps
     base = load_train_config(full.train_config, full.train_overrides)
     cfg = load_train_config(long.train_config, long.train_overrides)
     assert cfg.optim.max_steps == 4 * base.optim.max_steps and cfg.model == base.model
