@@ -84,13 +84,15 @@ def test_demo_resumes_after_sigkill_in_training(quick_demo: Path, tmp_path: Path
     assert summary["stages"]["tokenizers"] == 0.0  # cached
 
 
-def test_clip_stage_trains_the_encoder_the_model_reads(quick_demo: Path, tmp_path: Path, capsys):
-    """--clip: a contrastive encoder is trained on the captions after the tokenizers (cached ones are reused), and the
-    one model reads rgb through that encoder's frozen vision tower (its weights, bit for bit)."""
+def test_clip_stage_trains_the_encoder_the_model_reads(quick_demo: Path, tmp_path: Path, capsys, caplog):
+    """--clip: a contrastive encoder is trained on the captions (beside the tokenizers on 2+ cores; cached tokenizers
+    are reused), and the one model reads rgb through that encoder's frozen vision tower (its weights, bit for bit)."""
+    import logging
     import shutil
 
     from safetensors.torch import load_file
 
+    caplog.set_level(logging.INFO, logger="training.fit")
     out = tmp_path / "demo"
     shutil.copytree(quick_demo, out)
     before = json.loads((out / "demo_state.json").read_text())
@@ -99,6 +101,7 @@ def test_clip_stage_trains_the_encoder_the_model_reads(quick_demo: Path, tmp_pat
     state = json.loads((out / "demo_state.json").read_text())
     assert state["tokenizers"] == before["tokenizers"]  # not re-run
     assert state["clip"]["info"]["final_step"] == 4 and (out / "clip" / "model" / "contrastive.json").is_file()
+    assert ("starts beside the tokenizers" in caplog.text) == ((os.cpu_count() or 1) >= 2)
     config = json.loads((out / "run" / "model" / "config.json").read_text())
     assert config["input_embeddings"] == {"rgb": "pixels_and_clip"} and set(config["feature_encoders"]) == {"rgb"}
     encoder = load_file(str(out / "clip" / "model" / "model.safetensors"))
@@ -148,3 +151,17 @@ def test_long_preset_is_the_full_demo_trained_longer(capsys):
     assert long.fit_settings().clip_config and not full.fit_settings().clip_config  # long trains the clip stage first
     assert main(["demo", "--quick", "--preset", "long"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def test_a_stage_started_early_hands_over_its_result_or_its_error():
+    """The clip stage trains in a thread beside the tokenizers; its stage gets the result, or the error it raised."""
+    from training.fit import _EarlyStage
+
+    assert _EarlyStage("k", lambda: {"final_step": 3}).result() == {"final_step": 3}
+
+    def fails() -> dict:
+        raise ValueError("no captions")
+
+    early = _EarlyStage("k", fails)
+    with pytest.raises(ValueError, match="no captions"):
+        early.result()
