@@ -68,8 +68,8 @@ class DemoSettings:
 
 # ``long``: the same data; an rgb tokenizer with a 15360-code FSQ (levels 8,8,8,6,5) instead of the 1024-code VQ,
 # trained 4x longer (PSNR 29.7 dB against 24.8, text->image round-trip ceiling 0.91 against 0.56: docs/recipe.md
-# "Ceilings"; ~6 min on one core); the clip stage (beside the tokenizers); then 4x the steps (3600) with held-out curves of every task every 600 steps,
-# for the targets the 10-minute default does not reach.
+# "Ceilings"; ~6 min on one core); the clip stage (beside the tokenizers); then 4x the steps (3600) with held-out
+# curves of every task every 600 steps, for the targets the 10-minute default does not reach.
 LONG_TOKENIZERS: dict[str, dict[str, Any]] = {
     "rgb": {"tokenizer.quantizer": "fsq", "tokenizer.fsq_levels": [8, 8, 8, 6, 5], "training.steps": 6000}}
 LONG_TRAIN = ["optim.max_steps=3600", "optim.warmup_steps=100", "logging.heldout_every=600", "checkpoint.every=600",
