@@ -129,8 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory (default: runs/demo, runs/demo_quick with --quick, runs/demo_long with "
                              "--preset long)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full: the default 10-minute demo; long: a contrastive encoder first (the clip stage), then "
-                             "4x the steps reading its features (about 35 minutes idle); quick: toy size (about a minute)")
+                        help="full: the default 10-minute demo; long: a finer (FSQ) rgb tokenizer and a contrastive encoder "
+                             "(the clip stage), then 4x the steps reading its features (about 43 minutes idle); quick: "
+                             "toy size (about a minute)")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--clip", action="store_true",
                         help="first train a contrastive image-text encoder (configs/clip_shapes.yaml) and feed the one "

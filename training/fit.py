@@ -118,6 +118,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _stage_key(previous: str, stage: str, settings_of_stage: Any) -> str:
+    """A stage's cache key: its settings chained on the previous stage's key (a changed stage re-runs all after it)."""
+    return _digest([previous, stage, settings_of_stage])
+
+
 class StageState:
     """Which stages finished, with which settings; written atomically after every stage."""
 
@@ -605,8 +610,7 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
     data_dir = paths["data"]
 
     def run_stage(number: int, stage: str, settings_of_stage: Any, runner: Callable[[], dict[str, Any]]) -> None:
-        previous = keys[STAGES[number - 2]] if number > 1 else ""
-        keys[stage] = _digest([previous, stage, settings_of_stage])
+        keys[stage] = _stage_key(keys[STAGES[number - 2]] if number > 1 else "", stage, settings_of_stage)
         if not force and state.done(stage, keys[stage]):
             logger.info("stage %d/%d %-10s cached (%s)", number, len(STAGES), stage, state.data[stage]["seconds"])
             timings[stage] = 0.0
@@ -648,11 +652,13 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
     recommended = {m: RECOMMENDED.get((m, settings.grid_size)) for m in plan["tokenizers"]}
     tok_settings = [settings.grid_size, settings.tokenizer_training, plan["text_vocab_size"], plan["depth_range"],
                     plan["tokenizers"], settings.seed, recommended]
+    clip_settings = ([Path(settings.clip_config).read_text(), settings.clip_overrides] if uses_clip(settings, plan)
+                     else [None, None])
     stage_plan = [
         ("tokenizers", tok_settings, lambda: _stage_tokenizers(settings, plan, data_dir, paths["tokenizers"], progress)),
-        ("clip", [Path(settings.clip_config).read_text(), settings.clip_overrides] if uses_clip(settings, plan)
-         else [None, None],
-         lambda: _stage_clip(settings, plan, data_dir, paths, keys["clip"], progress)),
+        # with an early start (below) the clip stage waits for the run begun beside the tokenizers
+        ("clip", clip_settings, lambda: early_clip.result() if early_clip is not None
+         else _stage_clip(settings, plan, data_dir, paths, keys["clip"], progress)),
         ("tokenize", [plan["augment_copies"], settings.seed, TOKEN_VERSION],
          lambda: _stage_tokenize(data_dir, paths, plan, settings.seed, progress)),
         ("train", [Path(settings.train_config).read_text(), train_overrides(settings, plan, paths)],
@@ -660,11 +666,10 @@ def run_fit(data: str | Path | None, out_dir: str | Path, settings: FitSettings 
         ("eval", [settings.eval_limit, settings.eval_batch_size, settings.seed],
          lambda: _stage_eval(settings, data_dir, paths, title or f"onemodel fit: {data_dir.name}", progress)),
     ]
+    # the clip stage's key is known before the tokenizers run (it chains on theirs)
     early_clip = _start_clip_early(settings, plan, data_dir, paths, state, force, stop_after,
-                                   _digest([_digest([keys["data"], "tokenizers", tok_settings]), "clip",
-                                            stage_plan[1][1]]))
-    if early_clip is not None:  # the clip stage waits for the run started beside the tokenizers
-        stage_plan[1] = ("clip", stage_plan[1][1], early_clip.result)
+                                   _stage_key(_stage_key(keys["data"], "tokenizers", tok_settings), "clip",
+                                              clip_settings))
     for number, (stage, stage_settings, runner) in enumerate(stage_plan, 2):
         run_stage(number, stage, stage_settings, runner)
         if stage == "clip" and early_clip is not None and keys["clip"] != early_clip.key:
